@@ -1,0 +1,39 @@
+"""Shared fixtures: a selector that returns a basis fixed by the test (registered for the test's duration)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import pytest
+import torch
+
+from lowrank.selectors import SELECTORS, SubspaceSelector
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedSelector(SubspaceSelector):
+    """Returns ``FixedSelector.bases[d]`` (or the identity's first r columns) for an oriented gradient (d, k)."""
+
+    name: ClassVar[str] = "test_fixed"
+    bases: ClassVar[dict[int, torch.Tensor]] = {}
+
+    def _basis(self, grad: torch.Tensor, rank: int, generator: torch.Generator) -> torch.Tensor:
+        d = grad.shape[0]
+        basis = self.bases.get(d)
+        return torch.eye(d, rank, dtype=grad.dtype) if basis is None else basis[:, :rank].clone()
+
+
+@pytest.fixture
+def fixed_selector(monkeypatch: pytest.MonkeyPatch) -> type[FixedSelector]:
+    monkeypatch.setitem(SELECTORS, FixedSelector.name, FixedSelector)
+    FixedSelector.bases.clear()
+    yield FixedSelector
+    FixedSelector.bases.clear()
+
+
+def random_orthonormal(d: int, r: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """An orthonormal (d, r) basis from float64 QR of a seeded Gaussian (test oracle helper)."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))
+    return q.to(dtype)

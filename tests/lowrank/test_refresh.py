@@ -1,0 +1,147 @@
+"""Refreshing bases: the self-schedule, resample(), degenerate gradients, the closure and the randomness rule."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank import LowRankOptimizer, subspace_overlap
+
+
+def _opt(params, **kwargs) -> LowRankOptimizer:
+    names = kwargs.pop("names", None)
+    group = {"params": params, "rank": kwargs.pop("rank", 3)}
+    if names:
+        group["param_names"] = names
+    return LowRankOptimizer([group], lr=0.01, **kwargs)
+
+
+def _grad(shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _bases_over(opt, weight, steps, grad_fn):
+    bases = []
+    for step in range(steps):
+        weight.grad = grad_fn(step)
+        opt.step()
+        bases.append(opt.state[weight]["lowrank_basis"].clone())
+    return bases
+
+
+def test_auto_refresh_every_update_gap_steps_only():
+    weight = nn.Parameter(torch.zeros(10, 8))
+    opt = _opt([weight], selector="dominant", update_gap=4)
+    bases = _bases_over(opt, weight, 10, lambda s: _grad((10, 8), s))
+    changed = [s for s in range(1, 10) if not torch.equal(bases[s], bases[s - 1])]
+    assert changed == [4, 8]
+
+
+def test_external_schedule_never_refreshes_inside_step():
+    weight = nn.Parameter(torch.zeros(10, 8))
+    opt = _opt([weight], selector="dominant", update_gap=1, auto_refresh=False)
+    bases = _bases_over(opt, weight, 5, lambda s: _grad((10, 8), s))
+    assert all(torch.equal(b, bases[0]) for b in bases)  # only the first basis, created at the first step
+    weight.grad = _grad((10, 8), 99)
+    records = opt.resample()
+    assert len(records) == 1
+    record = records[0]
+    assert record.name == "group0.param0" and record.step == 5 and record.selector == "dominant"
+    assert torch.equal(record.old_basis, bases[-1]) and torch.equal(record.new_basis, opt.state[weight]["lowrank_basis"])
+    expected = float((bases[-1].double().T @ record.new_basis.double()).square().sum()) / 3
+    assert record.overlap == pytest.approx(expected) and 0.0 <= record.overlap <= 1.0
+    assert record.chance == pytest.approx(3 / 8)
+
+
+def test_resample_subset_by_name_or_tensor_and_selector_override():
+    a, b = nn.Parameter(torch.zeros(6, 5)), nn.Parameter(torch.zeros(7, 5))
+    opt = _opt([a, b], names=["layers.0.q_proj.weight", "layers.0.k_proj.weight"], auto_refresh=False)
+    a.grad, b.grad = _grad((6, 5), 1), _grad((7, 5), 2)
+    assert [r.name for r in opt.resample(params=["layers.0.k_proj.weight"])] == ["layers.0.k_proj.weight"]
+    assert [r.name for r in opt.resample(params=[a])] == ["layers.0.q_proj.weight"]
+    (record,) = opt.resample(params=[a], selector="random")
+    assert record.selector == "random"
+    b.grad = None
+    assert [r.name for r in opt.resample()] == ["layers.0.q_proj.weight"]  # no gradient: not refreshed
+
+
+@pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
+def test_degenerate_gradient_keeps_the_old_basis_and_warns(bad):
+    weight = nn.Parameter(torch.zeros(6, 5))
+    opt = _opt([weight], names=["blocks.3.mlp.up_proj.weight"], auto_refresh=False)
+    weight.grad = _grad((6, 5), 0)
+    opt.step()
+    old = opt.state[weight]["lowrank_basis"].clone()
+    weight.grad = torch.full((6, 5), bad) if bad != 0.0 else torch.zeros(6, 5)
+    with pytest.warns(UserWarning, match=r"blocks\.3\.mlp\.up_proj\.weight.*old basis is kept"):
+        assert opt.resample() == []
+    assert torch.equal(opt.state[weight]["lowrank_basis"], old)
+
+
+def test_zero_gradient_first_step_gets_placeholder_basis():
+    """What the distributed-checkpoint loader does: a step with zero gradients on a fresh optimizer."""
+    weight = nn.Parameter(torch.ones(6, 5))
+    opt = _opt([weight], rank=2)
+    weight.grad = torch.zeros(6, 5)
+    with pytest.warns(UserWarning, match="placeholder"):
+        opt.step()
+    assert torch.equal(opt.state[weight]["lowrank_basis"], torch.eye(5, 2))
+    assert torch.equal(weight.detach(), torch.ones(6, 5))  # zero gradient, zero update
+    assert set(opt.state_dict()["state"][0]) >= {"exp_avg", "exp_avg_sq", "lowrank_basis"}
+
+
+def test_closure_runs_before_gradients_are_read():
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(6, 5))
+    twin = nn.Parameter(weight.detach().clone())
+    x = torch.randn(4, 5)
+    opt_closure, opt_plain = _opt([weight], seed=3), _opt([twin], seed=3)
+
+    def closure():
+        opt_closure.zero_grad()
+        loss = (x @ weight.T).square().sum()
+        loss.backward()
+        return loss
+
+    loss = opt_closure.step(closure)  # weight.grad is None before the closure runs
+    (x @ twin.T).square().sum().backward()
+    opt_plain.step()
+    assert loss is not None and torch.equal(weight, twin)
+    assert not torch.equal(weight.detach(), torch.zeros(6, 5))
+
+
+def test_draws_follow_the_randomness_rule():
+    torch.manual_seed(0)
+    g = _grad((12, 9), 4)
+
+    def basis(seed, name, step=0, selector="importance"):
+        w = nn.Parameter(torch.zeros(12, 9))
+        opt = _opt([w], seed=seed, names=[name], selector=selector, rank=4, auto_refresh=False)
+        w.grad = g.clone()
+        opt.resample(step=step)
+        return opt.state[w]["lowrank_basis"]
+
+    rng_before = torch.get_rng_state()
+    ref = basis(1, "layers.0.up_proj.weight")
+    for selector in ("importance", "random", "randomized_importance"):
+        a = basis(1, "layers.0.up_proj.weight", selector=selector)
+        assert torch.equal(a, basis(1, "_orig_mod.layers.0.up_proj.weight", selector=selector))
+        assert torch.equal(a, basis(1, "layers.0._checkpoint_wrapped_module.up_proj.weight", selector=selector))
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global RNG was never used
+    others = [basis(2, "layers.0.up_proj.weight"), basis(1, "layers.1.up_proj.weight"), basis(1, "layers.0.up_proj.weight", step=200)]
+    assert any(subspace_overlap(ref, o) < 0.999 for o in others)
+    assert all(not torch.equal(ref, o) for o in [basis(1, "layers.0.up_proj.weight", selector="random", step=s) for s in (1, 2)])
+
+
+def test_refresh_does_not_touch_plain_parameters_or_warn_on_healthy_gradients():
+    w, bias = nn.Parameter(torch.zeros(6, 5)), nn.Parameter(torch.zeros(6))
+    opt = LowRankOptimizer([{"params": [w], "rank": 2}, {"params": [bias]}], lr=0.1)
+    w.grad, bias.grad = _grad((6, 5), 1), torch.ones(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert "lowrank_basis" not in opt.state[bias]
+    torch.testing.assert_close(bias.detach(), torch.full((6,), -0.1))  # plain Adam: first step moves by lr
