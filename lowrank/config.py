@@ -8,7 +8,6 @@ keys with the closest accepted one, and :meth:`OptimizerConfig.validate` collect
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +15,7 @@ from lowrank.bases import BASES
 from lowrank.moments import MOMENT_POLICIES
 from lowrank.projector import SIDES
 from lowrank.selectors import SELECTORS
+from lowrank.structured import from_mapping
 
 OPTIMIZER_NAMES: tuple[str, ...] = ("adamw", "lowrank")
 
@@ -45,7 +45,7 @@ class LowRankConfig:
         targets: regular expressions (``re.search`` on parameter names); a 2-D parameter matching any goes low-rank.
             Each pattern must match at least one 2-D parameter (an error otherwise: a typo would silently train
             full-rank).
-        seed: run seed for the draws (the recipe sets it from the run's seed).
+        seed: run seed of the draws (lowrank.randomness); None means 0 here, and the recipe fills in its run seed.
     """
 
     rank: int = 128
@@ -60,7 +60,7 @@ class LowRankConfig:
     power_iters: int = 2
     base: str = "adamw"
     targets: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_TARGETS))
-    seed: int = 0
+    seed: int | None = None
 
 
 @dataclasses.dataclass
@@ -87,7 +87,7 @@ class OptimizerConfig:
         """Raises one ValueError listing every invalid value with its key and the accepted values."""
         problems = _problems(self, prefix)
         if problems:
-            raise ValueError("invalid optimizer configuration:\n  " + "\n  ".join(problems))
+            raise ValueError("invalid optimizer configuration: " + "; ".join(problems))
 
 
 def _int_at_least(value: Any, minimum: int) -> bool:
@@ -125,29 +125,11 @@ def _problems(cfg: OptimizerConfig, prefix: str) -> list[str]:
     return problems
 
 
-def _from_mapping(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [key for key in data if key not in fields]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), list(fields), n=1)
-        hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""
-        raise ValueError(f"unknown key {prefix}.{key}{hint}; accepted: {', '.join(fields)}")
-    values = {}
-    for key, value in data.items():
-        if key == "lowrank" and cls is OptimizerConfig:
-            value = value if isinstance(value, LowRankConfig) else _from_mapping(LowRankConfig, value, f"{prefix}.lowrank")
-        elif key in ("betas", "targets"):
-            value = (tuple if key == "betas" else list)(value)
-        values[key] = value
-    return cls(**values)
-
-
 def optimizer_config_from_dict(data: Mapping[str, Any] | OptimizerConfig, prefix: str = "optimizer") -> OptimizerConfig:
     """An :class:`OptimizerConfig` from a (possibly nested, possibly OmegaConf) mapping, validated."""
     if isinstance(data, OptimizerConfig):
         config = data
     else:  # plain dicts and OmegaConf containers alike (both are Mappings)
-        config = _from_mapping(OptimizerConfig, data, prefix)
+        config = from_mapping(OptimizerConfig, data, prefix)
     config.validate(prefix)
     return config

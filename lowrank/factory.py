@@ -107,7 +107,7 @@ def build_optimizer(
         raise ValueError("model has no trainable parameters")
     if cfg.name == "adamw":
         optimizer = torch.optim.AdamW(
-            [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}],
+            [{"params": [p for _, p in named], "param_names": [n for n, _ in named], "name": "plain"}],
             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
         )
         rows = [TableRow(n, tuple(p.shape), "plain", None, None, None, 2 * p.numel() * p.element_size()) for n, p in named]
@@ -134,10 +134,12 @@ def build_optimizer(
             rows.append(TableRow(name, shape, "plain", None, None, None, spec.state_elements(shape) * param.element_size()))
             plain_named.append((name, param))
     groups = [
-        {"params": [p for _, p in lowrank_named], "param_names": [n for n, _ in lowrank_named], "rank": low.rank},
+        # "name" labels the groups in Lightning's LearningRateMonitor (train/lr/lowrank, train/lr/plain).
+        {"params": [p for _, p in lowrank_named], "param_names": [n for n, _ in lowrank_named], "rank": low.rank,
+         "name": "lowrank"},
     ]
     if plain_named:
-        groups.append({"params": [p for _, p in plain_named], "param_names": [n for n, _ in plain_named]})
+        groups.append({"params": [p for _, p in plain_named], "param_names": [n for n, _ in plain_named], "name": "plain"})
     optimizer = LowRankOptimizer(
         groups,
         lr=cfg.lr,
@@ -153,6 +155,6 @@ def build_optimizer(
         fira_gamma=low.fira_gamma,
         oversampling=low.oversampling,
         power_iters=low.power_iters,
-        seed=low.seed,
+        seed=low.seed or 0,
     )
     return optimizer, GroupTable(tuple(rows))

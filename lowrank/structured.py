@@ -1,0 +1,96 @@
+"""Dataclass configs from plain mappings (YAML, OmegaConf containers, dicts), with errors people can act on.
+
+:func:`from_mapping` builds a (possibly nested) dataclass, and for the first problem it meets raises a ValueError
+that names the full key (``optimizer.lowrank.rank``), and either the closest accepted key (for a typo) or the
+expected type (for a wrong type). Semantic checks (ranges, choices) are the dataclasses' own ``validate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against annotation ``tp`` (ints are accepted where floats are expected)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ValueError as err:
+                errors.append(err)
+        raise errors[0] if errors else ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+        return from_mapping(tp, value, key)
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        items = list(value)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(items) != len(args):
+                raise ValueError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(items, args)))
+        inner = args[0] if args else Any
+        coerced = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(items)]
+        return tuple(coerced) if origin is tuple else coerced
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            accepted = " | ".join(map(str, typing.get_args(tp)))
+            raise ValueError(f"{key}: invalid value {value!r}; accepted: {accepted}")
+        return value
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+            return value
+        raise ValueError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def from_mapping(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    """Builds dataclass ``cls`` from ``data``; keys absent from ``data`` keep their defaults."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{prefix}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields or not fields[key].init:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+            raise ValueError(f"unknown key {full}{hint}; accepted: {', '.join(fields)}")
+        values[key] = _coerce(value, hints[key], full)
+    missing = [
+        name for name, f in fields.items()
+        if f.init and name not in values
+        and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        keys = ", ".join(f"{prefix}.{name}" if prefix else name for name in missing)
+        raise ValueError(f"missing key(s) {keys}; {prefix or 'the config'} needs: {', '.join(fields)}")
+    try:
+        return cls(**values)
+    except ValueError as err:  # the dataclass's own checks (__post_init__): say which section they are about
+        raise ValueError(f"{prefix}: {err}" if prefix else str(err)) from None
