@@ -17,16 +17,14 @@ import zlib
 
 import torch
 
-# Prefixes inserted into parameter names by wrappers (torch.compile, activation checkpointing, FSDP1). They are
-# stripped anywhere in the name so that a wrapped and an unwrapped model draw the same bases.
-WRAPPER_PREFIXES: tuple[str, ...] = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+# Name components inserted by wrappers (torch.compile, activation checkpointing, FSDP1). They are dropped wherever
+# they appear as a whole dotted component, so that a wrapped and an unwrapped model draw the same bases.
+WRAPPER_COMPONENTS: tuple[str, ...] = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
 
 
 def normalize_param_name(name: str) -> str:
-    """Strips wrapper prefixes (``_orig_mod.`` and the like) from a parameter name."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+    """Drops wrapper components (``_orig_mod.`` and the like) from a dotted parameter name."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
 
 
 def draw_seed(seed: int, step: int, name: str) -> int:
