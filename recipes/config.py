@@ -1,0 +1,232 @@
+"""The run configuration: one dataclass per YAML section, every default documented, and the loader.
+
+A config file (``configs/*.yaml``) maps one-to-one onto :class:`RunConfig`. ``load_run_config`` resolves
+``--config`` (a path, or a bare name with or without ``.yaml`` under configs/), applies ``key=value`` overrides
+(OmegaConf dotlist), builds the dataclasses and validates everything, raising :class:`ConfigError` (one paragraph,
+the offending key and the accepted values) before any training work or output starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lowrank.config import OptimizerConfig
+from lowrank.structured import from_mapping
+from recipes.data.datamodule import DataConfig
+from recipes.model import LlamaConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRECISIONS: tuple[str, ...] = ("32-true", "32", "bf16-mixed", "bf16-true")
+# FSDP1 ("fsdp") hands the optimizer flattened 1-D views and DeepSpeed flattens parameters: no 2-D gradient to
+# project. Both are refused with an explanation.
+STRATEGIES: tuple[str, ...] = ("auto", "single_device", "ddp", "ddp_spawn")
+REFUSED_STRATEGIES: dict[str, str] = {
+    "fsdp": "Lightning's FSDP1 strategy hands the optimizer flattened 1-D views of the weights, so there is no 2-D "
+    "gradient to project",
+    "deepspeed": "DeepSpeed flattens parameters, so there is no 2-D gradient to project",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one paragraph without a traceback."""
+
+
+@dataclasses.dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warm-up to ``optimizer.lr``, then cosine decay to ``min_lr_ratio * lr``.
+
+    Attributes:
+        warmup_fraction: warm-up length as a fraction of ``trainer.max_steps`` (reference: 10%).
+        min_lr_ratio: floor of the cosine as a fraction of the peak (reference: 0.1).
+    """
+
+    warmup_fraction: float = 0.1
+    min_lr_ratio: float = 0.1
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """What Lightning's Trainer gets.
+
+    Attributes:
+        max_steps: optimizer steps of the run (the run length; epochs are unbounded).
+        global_batch_size: sequences per optimizer step over all ranks (reference: 512); gradient accumulation is
+            global_batch_size / (data.micro_batch_size * devices * num_nodes), which must be a whole number.
+        devices: devices per node (an int, or "auto").
+        num_nodes: nodes.
+        accelerator: "auto", "cpu", "gpu", ...
+        strategy: auto | single_device | ddp | ddp_spawn.
+        precision: 32-true | bf16-mixed (autocast, fp32 weights: the safe choice) | bf16-true (pure bf16 weights, as
+            the reference runs).
+        gradient_clip_val: global-norm clipping; None = off (reference: off below 7B, 1.0 at 7B).
+        val_every_n_steps: validation interval in optimizer steps.
+        limit_val_batches: validation micro-batches per rank per validation; None = the whole validation set.
+        log_every_n_steps: logging interval in optimizer steps.
+        checkpoint_every_n_steps: periodic checkpoint interval in optimizer steps (``last.ckpt`` is kept too).
+    """
+
+    max_steps: int = 800
+    global_batch_size: int = 16
+    devices: int | str = 1
+    num_nodes: int = 1
+    accelerator: str = "auto"
+    strategy: str = "auto"
+    precision: str = "32-true"
+    gradient_clip_val: float | None = None
+    val_every_n_steps: int = 100
+    limit_val_batches: int | None = None
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 200
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """A whole run.
+
+    Attributes:
+        model: the LLaMA's shape (``recipes.model.LlamaConfig``).
+        data: data source, tokenizer, sequence length, micro-batch (``recipes.data.DataConfig``).
+        optimizer: ``adamw`` or ``lowrank`` and their settings (``lowrank.OptimizerConfig``).
+        schedule: learning-rate schedule.
+        trainer: Lightning Trainer settings.
+        out_dir: where TensorBoard logs, checkpoints and the resolved config go.
+        seed: seeds model init, data order and (unless set) the subspace draws.
+        resume: "auto" (``out_dir/checkpoints/last.ckpt`` if it exists), "never", or a checkpoint path.
+    """
+
+    model: LlamaConfig
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    out_dir: str = "runs/default"
+    seed: int = 0
+    resume: str = "auto"
+
+
+def available_configs() -> list[str]:
+    """Bare names of the configs shipped under configs/."""
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A YAML path from ``--config``: an existing path, or a bare name (``.yaml`` optional) under configs/."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    candidate = CONFIG_DIR / f"{stem}.yaml"
+    if path.parent == Path(".") and candidate.is_file():
+        return candidate
+    raise ConfigError(
+        f"--config: no config {name_or_path!r} (neither a file nor a name under {CONFIG_DIR}); "
+        f"available: {', '.join(available_configs())}"
+    )
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = OmegaConf.load(path)
+    except (OmegaConfBaseException, Exception) as err:  # yaml.YAMLError and friends
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"--config: {path} is not valid YAML ({first})") from None
+    container = OmegaConf.to_container(loaded, resolve=True) if loaded is not None else None
+    if not isinstance(container, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of sections (model, data, ...), got {type(container).__name__}")
+    return container
+
+
+def _merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value (for example trainer.max_steps=100)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(data), OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"overrides {overrides}: {str(err).splitlines()[0]}") from None
+
+
+def load_run_config(config: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, dict[str, Any]]:
+    """The validated run config and its resolved plain-dict form (what is printed and saved beside the logs)."""
+    data = _merge_overrides(_load_yaml(resolve_config_path(config)), list(overrides))
+    try:
+        run = from_mapping(RunConfig, data, "")
+        run.optimizer.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if run.optimizer.lowrank.seed is None:
+        run.optimizer.lowrank.seed = run.seed
+    validate_run(run)
+    return run, _plain(dataclasses.asdict(run))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively: the resolved config is written as YAML."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def validate_run(run: RunConfig) -> None:
+    """Cross-section checks, every problem collected into one ConfigError."""
+    t, d = run.trainer, run.data
+    problems = []
+    if d.seq_len > run.model.max_seq_len:
+        problems.append(f"data.seq_len: {d.seq_len} exceeds model.max_seq_len = {run.model.max_seq_len}; accepted: 1 .. {run.model.max_seq_len}")
+    if t.strategy in REFUSED_STRATEGIES or t.strategy.startswith("deepspeed") or t.strategy.startswith("fsdp"):
+        why = REFUSED_STRATEGIES.get(t.strategy, REFUSED_STRATEGIES["deepspeed" if "deepspeed" in t.strategy else "fsdp"])
+        problems.append(f"trainer.strategy: {t.strategy!r} is not supported: {why}; accepted: {' | '.join(STRATEGIES)} (ddp for several devices)")
+    elif t.strategy not in STRATEGIES:
+        problems.append(f"trainer.strategy: invalid value {t.strategy!r}; accepted: {' | '.join(STRATEGIES)}")
+    if t.precision not in PRECISIONS:
+        problems.append(f"trainer.precision: invalid value {t.precision!r}; accepted: {' | '.join(PRECISIONS)}")
+    for key in ("max_steps", "global_batch_size", "num_nodes", "val_every_n_steps", "log_every_n_steps", "checkpoint_every_n_steps"):
+        if getattr(t, key) < 1:
+            problems.append(f"trainer.{key}: invalid value {getattr(t, key)!r}; accepted: an integer >= 1")
+    if isinstance(t.devices, str) and t.devices != "auto" or isinstance(t.devices, int) and t.devices < 1:
+        problems.append(f"trainer.devices: invalid value {t.devices!r}; accepted: an integer >= 1 or auto")
+    elif isinstance(t.devices, int) and t.global_batch_size % (d.micro_batch_size * t.devices * t.num_nodes):
+        problems.append(
+            f"trainer.global_batch_size: {t.global_batch_size} is not a multiple of data.micro_batch_size x devices x "
+            f"num_nodes = {d.micro_batch_size * t.devices * t.num_nodes}; accepted: multiples of it"
+        )
+    for key in ("warmup_fraction", "min_lr_ratio"):
+        if not 0 <= getattr(run.schedule, key) <= 1:
+            problems.append(f"schedule.{key}: invalid value {getattr(run.schedule, key)!r}; accepted: a number in [0, 1]")
+    out = Path(run.out_dir)
+    if out.exists() and not out.is_dir():
+        problems.append(f"out_dir: {run.out_dir!r} exists and is a file; accepted: a directory path (new or existing)")
+    for key in ("train_files", "val_files"):
+        missing = [f for f in getattr(d, key) or [] if not Path(f).exists()]
+        if missing:
+            problems.append(f"data.{key}: missing file(s) {missing}")
+    if run.resume not in ("auto", "never") and not Path(run.resume).is_file():
+        problems.append(f"resume: checkpoint {run.resume!r} does not exist; accepted: auto | never | a checkpoint path")
+    if not problems:
+        problems += _optimizer_problems(run)
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+
+def _optimizer_problems(run: RunConfig) -> list[str]:
+    """Builds the optimizer over the model on the meta device (no memory): catches ranks and target patterns."""
+    import torch
+
+    from lowrank import build_optimizer
+    from recipes.model import Llama
+
+    with torch.device("meta"):
+        model = Llama(run.model)
+    try:
+        build_optimizer(model, run.optimizer)
+    except ValueError as err:
+        return [str(err)]
+    return []

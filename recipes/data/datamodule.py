@@ -1,0 +1,271 @@
+"""`PretrainDataModule`: packed next-token-prediction batches for the pretraining recipe.
+
+Batches are dicts {"input_ids": (B, T) int64, "labels": (B, T) int64} with B = `micro_batch_size`
+per rank and T = `seq_len`; `labels` are the inputs shifted by one token.
+
+Sources (`DataConfig.source`):
+
+* `"embedded"` (default): the stdlib corpus (`recipes.data.corpus`), tokenized once into a flat
+  tensor; every `holdout_every`-th document is validation.
+* `"files"`: local JSONL (`text` field) or text files, read through the same `datasets` streaming
+  code as C4, then tokenized into a flat tensor like the embedded corpus; validation from
+  `val_files`, or every `holdout_every`-th document when none are given.
+* `"c4"`: C4 streamed from the Hub (`allenai/c4`, `en`), packed on the fly, sharded per rank and per
+  worker; with `train_files` / `val_files` set, the same path reads local C4-formatted shards instead.
+
+Ordering and resume (map-style sources, `recipes.data.sampler`): the training order is a seeded
+stream cut into micro-batches; rank r of W takes micro-batches r, r+W, ..., so the global batch of
+each optimizer step is the same for any split of micro_batch_size x W x accumulation over processes.
+The loader is a `torchdata` `StatefulDataLoader`; Lightning saves its `state_dict` in every checkpoint
+and `trainer.fit(ckpt_path=...)` continues mid-epoch with exactly the batches the uninterrupted run
+would have seen (same `num_workers` and `micro_batch_size` required). The C4 stream resumes exactly
+too (`recipes.data.stream`, every rank's position kept by `recipes.data.loader`), with the same
+world size and `num_workers`; its batches depend on the world size.
+
+Distributed: the module slices data per rank itself. Lightning would otherwise replace the sampler
+with a `DistributedSampler`, so the Trainer MUST be built with `use_distributed_sampler=False`;
+`setup` raises when it is not. Keep `max_steps` (not `max_epochs`) as the run length: Lightning
+drops loader states on resume when `estimated_stepping_batches` has to load the data early
+(Lightning issue #20550), which `max_epochs=-1` with `max_steps` avoids.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import datasets
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from recipes.data import sources
+from recipes.data.corpus import load_corpus
+from recipes.data.loader import RankStatefulDataLoader
+from recipes.data.packing import PackedSequences, iter_packed, pack_tokens, split_inputs_labels
+from recipes.data.sampler import GlobalBatchSampler
+from recipes.data.stream import PackedStream
+from recipes.data.tokenizer import EMBEDDED, TextTokenizer, load_tokenizer
+
+SOURCES: tuple[str, ...] = ("embedded", "files", "c4")
+# Validation cap of the C4 stream when `val_sequences` is None: about 10M tokens, as in the paper runs.
+C4_DEFAULT_VAL_TOKENS = 10_000_000
+
+
+@dataclass
+class DataConfig:
+    """Data pipeline settings.
+
+    Attributes:
+        source: "embedded" (stdlib corpus), "files" (local JSONL/text, held in memory) or "c4" (streamed).
+        train_files: local training files; required for "files"; for "c4" they replace the Hub download.
+        val_files: local validation files ("files": optional, else `holdout_every`; "c4" with
+            `train_files`: required).
+        holdout_every: k: every k-th document is validation ("embedded", and "files" without `val_files`).
+        tokenizer: "embedded" (a byte-level BPE of `vocab_size`, trained and cached: on the embedded
+            corpus, or on the training files for source "files"), a tokenizer.json path, or a Hub
+            name such as "t5-base" (the paper runs' tokenizer; needs network access).
+        vocab_size: BPE size when `tokenizer` is "embedded" (4096 suits the ~2M-character corpus).
+        eos_token: end-of-document token; None picks the first known one (`tokenizer.EOS_CANDIDATES`).
+        seq_len: T, tokens per input sequence (the paper runs use 256).
+        micro_batch_size: sequences per rank per forward pass.
+        num_workers: DataLoader worker processes per rank (0 = load in the training process).
+        seed: fixes the training order (map-style) or the shuffle (C4 with `shuffle_buffer` > 0).
+        val_sequences: cap on validation sequences, over all ranks; None = all held-out data
+            ("embedded"/"files") or about `C4_DEFAULT_VAL_TOKENS` tokens ("c4").
+        max_documents: use only the first N documents of the embedded corpus (quick runs, tests).
+        shuffle_buffer: "c4" only: `datasets` shuffle buffer (examples); 0 keeps stream order and
+            exact resume.
+        cache_dir: tokenizer cache root; None = `$LOWRANK_RECIPES_CACHE` or ~/.cache/lowrank-recipes.
+        c4_dataset: Hub dataset of the "c4" source.
+        c4_config: its configuration name.
+    """
+
+    source: str = "embedded"
+    train_files: list[str] | None = None
+    val_files: list[str] | None = None
+    holdout_every: int = 20
+    tokenizer: str = EMBEDDED
+    vocab_size: int = 4096
+    eos_token: str | None = None
+    seq_len: int = 256
+    micro_batch_size: int = 16
+    num_workers: int = 0
+    seed: int = 0
+    val_sequences: int | None = None
+    max_documents: int | None = None
+    shuffle_buffer: int = 0
+    cache_dir: str | None = None
+    c4_dataset: str = sources.C4_DATASET
+    c4_config: str = sources.C4_CONFIG
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.source not in SOURCES:
+            problems.append(f"source={self.source!r} is unknown; accepted values: {list(SOURCES)}")
+        if self.source == "files" and not self.train_files:
+            problems.append("source='files' needs train_files (a list of .jsonl/.json(.gz) or .txt(.gz) files)")
+        if self.source == "c4" and self.train_files and not self.val_files:
+            problems.append("source='c4' with local train_files needs val_files (the C4 validation split)")
+        for key in ("seq_len", "micro_batch_size"):
+            if getattr(self, key) < 1:
+                problems.append(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("num_workers", "shuffle_buffer"):
+            if getattr(self, key) < 0:
+                problems.append(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.holdout_every < 2:
+            problems.append(f"holdout_every must be >= 2, got {self.holdout_every}")
+        for key in ("val_sequences", "max_documents"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                problems.append(f"{key} must be None or >= 1, got {value}")
+        if problems:
+            raise ValueError("invalid DataConfig: " + "; ".join(problems))
+
+
+def rank_slice(dataset: Dataset, rank: int, world_size: int, cap: int | None = None) -> Subset:
+    """Returns items r, r+W, ... of the first min(len, cap) items, truncated so every rank gets as many."""
+    total = len(dataset) if cap is None else min(len(dataset), cap)
+    total -= total % world_size
+    return Subset(dataset, range(rank, total, world_size))
+
+
+class PretrainDataModule(pl.LightningDataModule):
+    """Tokenized, packed pretraining data with rank-count-independent order and exact mid-epoch resume.
+
+    Args:
+        config: the data settings.
+        rank: data-parallel rank; None = the attached trainer's `global_rank` (0 without a trainer).
+        world_size: data-parallel size; None = the trainer's `world_size` (1 without a trainer).
+        accumulate_grad_batches: micro-batches per optimizer step per rank; None = the trainer's
+            (1 without a trainer). Only shapes the nominal epoch (`GlobalBatchSampler`).
+
+    The three are read when the loaders are built, so calling `setup()` before `Trainer.fit` starts
+    the ranks is fine.
+    """
+
+    def __init__(
+        self,
+        config: DataConfig,
+        rank: int | None = None,
+        world_size: int | None = None,
+        accumulate_grad_batches: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.tokenizer: TextTokenizer | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self._train_source: datasets.IterableDataset | None = None  # unsharded stream ("c4" source)
+
+    def _load_tokenizer(self, documents: list[str] | None) -> TextTokenizer:
+        c = self.config
+        return load_tokenizer(c.tokenizer, vocab_size=c.vocab_size, documents=documents,
+                              cache_dir=c.cache_dir, eos_token=c.eos_token)
+
+    def _embedded_documents(self) -> list[str]:
+        return load_corpus(limit=self.config.max_documents)
+
+    def prepare_data(self) -> None:
+        """Trains and caches the embedded tokenizer once per node (Lightning calls this on one process)."""
+        # With source "files" the BPE is trained on those files, in `setup`, once they are read.
+        if self.config.tokenizer == EMBEDDED and self.config.source != "files":
+            self._load_tokenizer(self._embedded_documents())
+
+    def _layout(self) -> tuple[int, int, int]:
+        """Returns (rank, world_size, accumulation): explicit arguments, else the trainer's, else (0, 1, 1)."""
+        trainer = self.trainer
+        rank = self.rank if self.rank is not None else (trainer.global_rank if trainer else 0)
+        world = self.world_size if self.world_size is not None else (trainer.world_size if trainer else 1)
+        accumulate = self.accumulate_grad_batches
+        if accumulate is None:
+            accumulate = trainer.accumulate_grad_batches if trainer else 1
+        return rank, world, accumulate
+
+    def _check_trainer(self) -> None:
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError(
+                "PretrainDataModule slices data per rank itself: build the Trainer with "
+                "use_distributed_sampler=False (accepted value: False; got True)"
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Builds the tokenizer and the datasets (idempotent); rank slicing happens in the loaders."""
+        self._check_trainer()
+        if self.train_set is not None:
+            return
+        c = self.config
+        if c.source == "c4":
+            self._setup_stream()
+            return
+        if c.source == "embedded":
+            docs = self._embedded_documents()
+            train_docs, val_docs = sources.holdout_split(docs, c.holdout_every)
+            self.tokenizer = self._load_tokenizer(docs)
+        else:
+            spec = sources.files_spec(c.train_files or [], c.val_files)
+            train_docs = sources.read_documents(spec, "train")
+            if c.val_files:
+                val_docs = sources.read_documents(spec, "validation")
+            else:
+                train_docs, val_docs = sources.holdout_split(train_docs, c.holdout_every)
+            self.tokenizer = self._load_tokenizer(train_docs if c.tokenizer == EMBEDDED else None)
+        self.train_set = PackedSequences(pack_tokens(train_docs, self.tokenizer), c.seq_len)
+        self.val_set = PackedSequences(pack_tokens(val_docs, self.tokenizer), c.seq_len)
+
+    def _setup_stream(self) -> None:
+        c = self.config
+        if c.train_files:
+            spec = sources.files_spec(c.train_files, c.val_files)
+        else:
+            spec = sources.StreamSpec(path=c.c4_dataset, name=c.c4_config)
+        self.tokenizer = self._load_tokenizer(self._embedded_documents() if c.tokenizer == EMBEDDED else None)
+        self._train_source = sources.open_stream(spec, "train")
+        self.train_set = self._stream_for_layout()
+        cap = c.val_sequences or max(1, C4_DEFAULT_VAL_TOKENS // c.seq_len)
+        # Every rank reads the same first `cap` sequences of one pass over the validation split,
+        # then keeps its slice (`val_dataloader`), so the validation set does not depend on W.
+        texts = sources.iter_texts(sources.open_stream(spec, "validation"))
+        chunks = itertools.islice(iter_packed(texts, self.tokenizer, c.seq_len), cap)
+        self.val_set = [split_inputs_labels(chunk) for chunk in chunks]  # type: ignore[assignment]
+
+    def _stream_for_layout(self) -> PackedStream:
+        """Returns the training stream sharded for the current (rank, world size).
+
+        Rebuilt when the layout changed since `setup`, e.g. `setup()` called by the user before
+        `Trainer.fit` forked or spawned the ranks.
+        """
+        c = self.config
+        rank, world, _ = self._layout()
+        current = self.train_set
+        if isinstance(current, PackedStream) and (current.rank, current.world_size) == (rank, world):
+            return current
+        assert self.tokenizer is not None and self._train_source is not None
+        return PackedStream(self._train_source, self.tokenizer, c.seq_len, rank=rank, world_size=world,
+                            seed=c.seed, shuffle_buffer=c.shuffle_buffer)
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        """Returns this rank's resumable training loader (its state rides in Lightning checkpoints)."""
+        c = self.config
+        assert self.train_set is not None, "call setup() first"
+        rank, world, accumulate = self._layout()
+        if isinstance(self.train_set, PackedStream):
+            self.train_set = self._stream_for_layout()
+            # Each rank streams its own shards: keep every rank's position in the checkpoint.
+            return RankStatefulDataLoader(self.train_set, batch_size=c.micro_batch_size,
+                                          num_workers=c.num_workers, rank=rank, world_size=world)
+        sampler = GlobalBatchSampler(len(self.train_set), c.micro_batch_size, rank, world, c.seed, accumulate)
+        return StatefulDataLoader(self.train_set, batch_sampler=sampler, num_workers=c.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        """Returns this rank's slice (items r, r+W, ...) of the validation sequences, in order."""
+        c = self.config
+        assert self.val_set is not None, "call setup() first"
+        cap = c.val_sequences if c.source != "c4" else None  # the stream was capped when read
+        rank, world, _ = self._layout()
+        subset = rank_slice(self.val_set, rank, world, cap)
+        return DataLoader(subset, batch_size=c.micro_batch_size, shuffle=False, num_workers=c.num_workers)

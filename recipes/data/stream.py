@@ -1,0 +1,130 @@
+"""The streaming training set (C4, or local C4-formatted shards): packed on the fly, resumable.
+
+`PackedStream` reads this rank's part of a `datasets` stream (`recipes.data.sources.shard_for_rank`;
+inside a DataLoader worker, `datasets` narrows it further to that worker's shards), tokenizes
+documents in groups, and yields `seq_len + 1`-token chunks split into inputs and labels
+(`recipes.data.packing.StreamPacker`). When the data runs out it starts another pass (reshuffled
+when `shuffle_buffer > 0`), so the stream never ends: pretraining runs are bounded by steps.
+
+Resume: `state_dict()` holds the `datasets` stream position (shard and example offset), the tokens
+packed but not yet emitted, and the pass number. `torchdata`'s `StatefulDataLoader` collects it from
+each worker with every batch, so a checkpoint restores each worker exactly where it stopped (same
+`num_workers` required). `shuffle_buffer > 0` gives up exactness: `datasets` does not save the
+shuffle buffer's content.
+
+Not rank-count independent: ranks read disjoint shards, so the global batch at step k depends on the
+world size (the map-style path, `recipes.data.sampler`, is the one that is independent).
+
+Lightning pre-fetches one batch from loaders without a length, which would put the saved position
+one batch ahead of the trained one; `__len__` therefore reports a nominal, effectively endless
+length (`NOMINAL_LENGTH` sequences) so that Lightning fetches batches only as it trains them
+(`tests/recipes/test_resume.py` fails without it). Lightning warns that an `IterableDataset` with a
+`__len__` may be inaccurate with several workers: expected here, the length is nominal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import datasets
+from torch import Tensor
+from torch.utils.data import IterableDataset
+
+from recipes.data.packing import ENCODE_BATCH, StreamPacker, split_inputs_labels
+from recipes.data.sources import TEXT_FIELD, shard_for_rank
+from recipes.data.tokenizer import TextTokenizer
+
+# Sequences per rank reported by `len()`: 2^40, far beyond any run, so a Lightning epoch never ends.
+NOMINAL_LENGTH = 2**40
+
+
+class PackedStream(IterableDataset):
+    """Endless stream of {"input_ids": (T,), "labels": (T,)} from this rank's shards of `source`.
+
+    Args:
+        source: the full stream (`recipes.data.sources.open_stream`), not yet sharded.
+        tokenizer: encodes documents; `eos_id` separates them.
+        seq_len: T.
+        rank: data-parallel rank of this process.
+        world_size: number of data-parallel ranks.
+        seed: shuffle seed (used only when `shuffle_buffer > 0`).
+        shuffle_buffer: `datasets` shuffle buffer size (examples); 0 keeps the stream order, which
+            keeps resume exact.
+    """
+
+    def __init__(
+        self,
+        source: datasets.IterableDataset,
+        tokenizer: TextTokenizer,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 0,
+    ) -> None:
+        super().__init__()
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        if shuffle_buffer > 0:
+            # Shuffle before sharding so every rank applies the same shard permutation.
+            source = source.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        self.source = shard_for_rank(source, rank, world_size)
+        self.rank = rank
+        self.world_size = world_size
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self._pass = 0
+        self._packer: StreamPacker | None = None
+        self._resume: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return NOMINAL_LENGTH
+
+    def _texts(self) -> Iterator[list[str]]:
+        batch: list[str] = []
+        for example in self.source:
+            if example[TEXT_FIELD]:
+                batch.append(example[TEXT_FIELD])
+            if len(batch) == ENCODE_BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        leftover: list[int] = []
+        if self._resume is not None:
+            state, self._resume = self._resume, None
+            self._pass = state["pass"]
+            self.source.set_epoch(self._pass)
+            self.source.load_state_dict(state["source"])
+            leftover = state["leftover"]
+        else:
+            self.source.set_epoch(self._pass)
+        self._packer = StreamPacker(self.tokenizer, self.seq_len, leftover)
+        while True:
+            emitted = False
+            for batch in self._texts():
+                self._packer.add(batch)
+                for chunk in self._packer.chunks():
+                    emitted = True
+                    yield split_inputs_labels(chunk)
+            if not emitted and not self._packer.leftover():
+                return  # an empty shard (e.g. more workers than shards): stop instead of spinning
+            self._pass += 1
+            self.source.set_epoch(self._pass)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Returns the position after the last yielded sequence: stream state, unemitted tokens, pass."""
+        if self._resume is not None:  # loaded but not iterated yet: the loaded state is the position
+            return self._resume
+        return {
+            "source": self.source.state_dict(),
+            "leftover": self._packer.leftover() if self._packer is not None else [],
+            "pass": self._pass,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Makes the next `iter()` continue from `state_dict` (from `state_dict()` of an earlier stream)."""
+        self._resume = dict(state_dict)

@@ -1,0 +1,98 @@
+"""``LlamaPretrainModule``: next-token pretraining of ``recipes.model.Llama`` with any ``lowrank`` optimizer.
+
+Logs (TensorBoard tags): ``train/loss``, ``train/lr`` (the schedule's peak-relative lr of the plain group; per group
+``train/lr/<group>`` comes from Lightning's LearningRateMonitor), ``val/loss``, ``val/ppl`` (torchmetrics
+Perplexity), ``train/peak_memory_gib``; tokens/s comes from Lightning's ThroughputMonitor. The optimizer's group
+table is printed at start and logged as text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.text import Perplexity
+
+from lowrank import build_optimizer, optimizer_config_from_dict
+from recipes.model import Llama, LlamaConfig, causal_lm_loss
+from recipes.schedule import WarmupCosine
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: allocator peak on CUDA, max resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+class LlamaPretrainModule(pl.LightningModule):
+    """Args are plain dicts (they are saved as hyperparameters: ``weights_only=True`` loading needs plain data).
+
+    Args:
+        model: ``LlamaConfig`` fields.
+        optimizer: ``lowrank.OptimizerConfig`` fields.
+        schedule: ``recipes.config.ScheduleConfig`` fields.
+        max_steps: run length in optimizer steps (the schedule's horizon).
+    """
+
+    def __init__(self, model: dict[str, Any], optimizer: dict[str, Any], schedule: dict[str, Any], max_steps: int) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_config = LlamaConfig(**model)
+        self.model = Llama(self.model_config)
+        self.val_ppl = Perplexity()
+        self.group_table: str | None = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, V)
+        return self.model(input_ids)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"])  # (B, T, V)
+        loss = causal_lm_loss(logits, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"], prog_bar=False)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log("train/peak_memory_gib", peak_memory_gib(self.device))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self(batch["input_ids"])
+        loss = causal_lm_loss(logits, batch["labels"])
+        self.val_ppl.update(logits.float(), batch["labels"])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", self.val_ppl, prog_bar=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        config = optimizer_config_from_dict(self.hparams.optimizer)
+        optimizer, table = build_optimizer(self.model, config)
+        self.group_table = str(table)
+        rank_zero_info("optimizer groups:\n" + self.group_table)
+        sched = self.hparams.schedule
+        max_steps = self.hparams.max_steps
+        lr_lambda = WarmupCosine(round(sched["warmup_fraction"] * max_steps), max_steps, sched["min_lr_ratio"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+
+    def on_fit_start(self) -> None:
+        logger = self.logger
+        if self.group_table is not None and logger is not None and hasattr(logger.experiment, "add_text"):
+            if self.trainer.is_global_zero:
+                logger.experiment.add_text("optimizer/groups", "```\n" + self.group_table + "\n```", 0)
+
+
+def module_kwargs(run: Any) -> dict[str, Any]:
+    """The module's plain-dict arguments from a ``RunConfig``."""
+    return {
+        "model": dataclasses.asdict(run.model),
+        "optimizer": dataclasses.asdict(run.optimizer),
+        "schedule": dataclasses.asdict(run.schedule),
+        "max_steps": run.trainer.max_steps,
+    }

@@ -1,0 +1,101 @@
+"""Builds Lightning's Trainer, logger and callbacks for a validated ``RunConfig`` and runs ``fit``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from recipes.config import RunConfig
+from recipes.data.datamodule import PretrainDataModule
+from recipes.module import LlamaPretrainModule, module_kwargs
+
+
+def world_devices(run: RunConfig) -> int:
+    """Devices per node as a number ("auto": every GPU, or one CPU process)."""
+    devices = run.trainer.devices
+    if devices == "auto":
+        return max(1, torch.cuda.device_count()) if run.trainer.accelerator in ("auto", "gpu", "cuda") else 1
+    return int(devices)
+
+
+def accumulation(run: RunConfig) -> int:
+    """Micro-batches per optimizer step on each rank, from the global batch size."""
+    per_step = run.data.micro_batch_size * world_devices(run) * run.trainer.num_nodes
+    return run.trainer.global_batch_size // per_step
+
+
+def _tokens(batch: dict[str, torch.Tensor]) -> int:
+    return batch["input_ids"].numel()
+
+
+def _sequences(batch: dict[str, torch.Tensor]) -> int:
+    return batch["input_ids"].shape[0]
+
+
+def build_trainer(run: RunConfig, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
+    t = run.trainer
+    out = Path(run.out_dir)
+    accumulate = accumulation(run)
+    checkpoint = ModelCheckpoint(
+        dirpath=out / "checkpoints", filename="step={step:06d}", auto_insert_metric_name=False,
+        every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=-1, save_last=True,
+    )
+    return pl.Trainer(
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=accumulate,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        accelerator=t.accelerator,
+        strategy=t.strategy,
+        precision=t.precision,
+        gradient_clip_val=t.gradient_clip_val,
+        val_check_interval=t.val_every_n_steps * accumulate,  # counted in micro-batches
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the data module slices the global batches per rank itself
+        logger=TensorBoardLogger(save_dir=str(out), name="tensorboard", version="", default_hp_metric=False),
+        callbacks=[
+            checkpoint,
+            LearningRateMonitor(logging_interval="step"),
+            # train/device/items_per_sec is tokens/s per device (length_fn counts tokens), a rolling mean over 10 optimizer steps.
+            ThroughputMonitor(batch_size_fn=_sequences, length_fn=_tokens, window_size=10),
+            *(callbacks or []),
+        ],
+        default_root_dir=str(out),
+    )
+
+
+@rank_zero_only
+def save_resolved_config(out_dir: str, resolved: dict[str, Any]) -> Path:
+    """Writes the resolved config beside the logs without overwriting an earlier run's (config.yaml, config.1.yaml...)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path, index = out / "config.yaml", 0
+    while path.exists():
+        index += 1
+        path = out / f"config.{index}.yaml"
+    path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return path
+
+
+def fit(run: RunConfig, resolved: dict[str, Any], callbacks: list[pl.Callback] | None = None) -> int:
+    from recipes.pretrain import resume_path
+
+    rank_zero_info("resolved config:\n" + yaml.safe_dump(resolved, sort_keys=False))
+    save_resolved_config(run.out_dir, resolved)
+    pl.seed_everything(run.seed, workers=True)
+    datamodule = PretrainDataModule(run.data)
+    module = LlamaPretrainModule(**module_kwargs(run))
+    trainer = build_trainer(run, callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(run))
+    return 0

@@ -1,0 +1,117 @@
+"""Every shipped config loads and validates; C4 configs follow the reference protocol; bad input is refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recipes.config import CONFIG_DIR, ConfigError, available_configs, load_run_config
+from recipes.model import count_parameters
+
+REPO = Path(__file__).resolve().parents[2]
+
+# DESIGN.md section 2: (params in millions, hidden, intermediate, heads, layers, rank, steps)
+REFERENCE = {
+    "c4_60m": (58.1, 512, 1376, 8, 8, 128, 10_000),
+    "c4_130m": (134.1, 768, 2048, 12, 12, 256, 20_000),
+    "c4_350m": (368.0, 1024, 2736, 16, 24, 256, 60_000),
+    "c4_1b": (1339.1, 2048, 5461, 32, 24, 512, 100_000),
+    "c4_7b": (6738.4, 4096, 11008, 32, 32, 1024, 150_000),
+}
+
+
+def test_all_configs_present():
+    assert set(available_configs()) == {"default", *REFERENCE}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_config_loads_validates_and_opens_with_a_comment(name):
+    run, resolved = load_run_config(str(name))
+    assert resolved["trainer"]["max_steps"] == run.trainer.max_steps
+    header = name.read_text().splitlines()[:8]
+    assert header[0].startswith("#")
+    assert any("Launch:" in line for line in header) and any("Hardware:" in line for line in header)
+    assert any("Expected:" in line for line in header)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_c4_configs_follow_the_reference_protocol(name):
+    params, hidden, inter, heads, layers, rank, steps = REFERENCE[name]
+    run, _ = load_run_config(name)
+    m, o, t = run.model, run.optimizer, run.trainer
+    assert (m.hidden_size, m.intermediate_size, m.num_heads, m.num_layers) == (hidden, inter, heads, layers)
+    assert m.vocab_size == 32000 and m.max_seq_len == 256 and run.data.seq_len == 256
+    assert count_parameters(m) / 1e6 == pytest.approx(params, rel=0.01)  # meta device: nothing allocated
+    assert run.data.source == "c4" and run.data.tokenizer == "t5-base"
+    assert o.name == "lowrank" and o.lowrank.rank == rank and o.lowrank.alpha == 0.25
+    assert o.betas == (0.9, 0.999) and o.eps == 1e-6 and o.weight_decay == 0.0
+    assert t.max_steps == steps and t.global_batch_size == 512
+    assert run.schedule.warmup_fraction == 0.1 and run.schedule.min_lr_ratio == 0.1
+    assert t.precision == "bf16-true"
+    if name == "c4_7b":
+        assert (o.lr, o.lowrank.update_gap, t.gradient_clip_val) == (0.005, 500, 1.0)
+    else:
+        assert (o.lr, o.lowrank.update_gap, t.gradient_clip_val) == (0.01, 200, None)
+
+
+def test_bare_name_with_suffix_and_overrides():
+    run, resolved = load_run_config("default.yaml", ["trainer.max_steps=7", "optimizer.lowrank.selector=dominant"])
+    assert run.trainer.max_steps == 7 and run.optimizer.lowrank.selector == "dominant"
+    assert resolved["optimizer"]["betas"] == [0.9, 0.999]  # plain YAML-able values
+    assert run.optimizer.lowrank.seed == run.seed
+
+
+@pytest.mark.parametrize(
+    "overrides,needles",
+    [
+        (["trainer.max_stepz=3"], ["trainer.max_stepz", "did you mean trainer.max_steps"]),
+        (["trainer.max_steps=abc"], ["trainer.max_steps", "expected int"]),
+        (["trainer.max_steps"], ["key=value"]),
+        (["data.seq_len=4096"], ["data.seq_len", "model.max_seq_len"]),
+        (["optimizer.lowrank.rank=999"], ["optimizer.lowrank.rank", "q_proj.weight", "1 .. 128"]),
+        (["trainer.strategy=fsdp"], ["trainer.strategy", "FSDP1", "ddp"]),
+        (["trainer.strategy=deepspeed_stage_2"], ["trainer.strategy", "DeepSpeed", "ddp"]),
+        (["trainer.precision=fp8"], ["trainer.precision", "bf16-mixed"]),
+        (["data.source=files", "data.train_files=[/nonexistent.jsonl]"], ["data.train_files", "/nonexistent.jsonl"]),
+        (["optimizer.lowrank.selector=top"], ["optimizer.lowrank.selector", "importance"]),
+        (["trainer.global_batch_size=20"], ["trainer.global_batch_size", "multiple"]),
+        (["resume=/no/such.ckpt"], ["resume", "auto | never"]),
+    ],
+)
+def test_bad_overrides_raise_config_errors(overrides, needles):
+    with pytest.raises(ConfigError) as info:
+        load_run_config("default", overrides)
+    for needle in needles:
+        assert needle in str(info.value), (needle, str(info.value))
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="available: .*default"):
+        load_run_config("no_such_config")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(str(broken))
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_run_config(str(listing))
+    as_file = tmp_path / "taken"
+    as_file.write_text("x")
+    with pytest.raises(ConfigError, match="out_dir.*is a file"):
+        load_run_config("default", [f"out_dir={as_file}"])
+
+
+def test_cli_errors_are_one_paragraph_without_traceback_and_write_nothing(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "pretrain.py"), "trainer.max_stepz=3", f"out_dir={out}"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.startswith("error: unknown key trainer.max_stepz")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
