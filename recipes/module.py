@@ -83,9 +83,13 @@ class LlamaPretrainModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         logger = self.logger
-        if self.group_table is not None and logger is not None and hasattr(logger.experiment, "add_text"):
-            if self.trainer.is_global_zero:
-                logger.experiment.add_text("optimizer/groups", "```\n" + self.group_table + "\n```", 0)
+        if logger is None or not self.trainer.is_global_zero or not hasattr(logger.experiment, "add_text"):
+            return
+        if self.group_table is not None:
+            logger.experiment.add_text("optimizer/groups", "```\n" + self.group_table + "\n```", 0)
+        digest = getattr(self.trainer.datamodule, "corpus_hash", None)
+        if digest is not None:
+            logger.experiment.add_text("data/corpus_sha256", digest, 0)
 
 
 def module_kwargs(run: Any) -> dict[str, Any]:

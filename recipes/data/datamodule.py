@@ -36,11 +36,12 @@ from dataclasses import dataclass
 
 import datasets
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from recipes.data import sources
-from recipes.data.corpus import load_corpus
+from recipes.data.corpus import corpus_hash, load_corpus
 from recipes.data.loader import RankStatefulDataLoader
 from recipes.data.packing import PackedSequences, iter_packed, pack_tokens, split_inputs_labels
 from recipes.data.sampler import GlobalBatchSampler
@@ -160,6 +161,7 @@ class PretrainDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self._train_source: datasets.IterableDataset | None = None  # unsharded stream ("c4" source)
+        self.corpus_hash: str | None = None  # of the embedded corpus, once read (logged by the recipe)
 
     def _load_tokenizer(self, documents: list[str] | None) -> TextTokenizer:
         c = self.config
@@ -167,7 +169,14 @@ class PretrainDataModule(pl.LightningDataModule):
                               cache_dir=c.cache_dir, eos_token=c.eos_token)
 
     def _embedded_documents(self) -> list[str]:
-        return load_corpus(limit=self.config.max_documents)
+        documents = load_corpus(limit=self.config.max_documents)
+        if self.corpus_hash is None:
+            self.corpus_hash = corpus_hash(documents)
+            rank_zero_info(
+                f"embedded corpus: {len(documents)} documents, {sum(map(len, documents)):,} characters, "
+                f"sha256 {self.corpus_hash}"
+            )
+        return documents
 
     def prepare_data(self) -> None:
         """Trains and caches the embedded tokenizer once per node (Lightning calls this on one process)."""

@@ -24,7 +24,9 @@ TINY = [
 def _scalars(out_dir: Path) -> dict[str, list[float]]:
     acc = EventAccumulator(str(out_dir / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    scalars = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    scalars.update({f"text:{tag}": [] for tag in acc.Tags()["tensors"]})  # add_text summaries
+    return scalars
 
 
 def test_default_path_runs_logs_and_checkpoints(tmp_path):
@@ -33,6 +35,7 @@ def test_default_path_runs_logs_and_checkpoints(tmp_path):
     scalars = _scalars(out)
     for tag in ("train/loss", "train/lr", "val/loss", "val/ppl", "train/lr/lowrank", "train/lr/plain", "train/peak_memory_gib"):
         assert tag in scalars, (tag, sorted(scalars))
+    assert "text:optimizer/groups/text_summary" in scalars and "text:data/corpus_sha256/text_summary" in scalars
     assert "train/device/items_per_sec" in scalars, sorted(scalars)  # tokens/s: length_fn counts tokens
     losses = scalars["train/loss"]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3  # clearly falling

@@ -1,0 +1,118 @@
+"""Every misuse of the callbacks fails early with a message that names the problem and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from callbacks import SubspaceOverlapMonitor, SubspaceResampler
+from tests.callbacks.helpers import WARNING_FILTERS, MLPModule, make_trainer, optimizer_config, regression_loader
+
+pytestmark = WARNING_FILTERS
+
+
+class AdamWModule(MLPModule):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+class ManualModule(MLPModule):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        optimizer.step()
+
+
+def fit(root: Path, callbacks: list, module: MLPModule | None = None, **trainer_kwargs: Any) -> None:
+    module = module or MLPModule(optimizer_config())
+    trainer_kwargs.setdefault("max_steps", 2)
+    make_trainer(root, callbacks=callbacks, **trainer_kwargs).fit(module, regression_loader())
+
+
+def test_optimizer_that_is_not_lowrank(tmp_path: Path) -> None:
+    with pytest.raises(MisconfigurationException, match=r"needs exactly one lowrank.LowRankOptimizer, found: AdamW"):
+        fit(tmp_path, [SubspaceResampler()], AdamWModule(optimizer_config()))
+
+
+class RenamedResampler(SubspaceResampler):
+    """A subclass with its own checkpoint key: Lightning's duplicate check lets it through, ours must not."""
+
+    @property
+    def state_key(self) -> str:
+        return "RenamedResampler"
+
+
+def test_two_resamplers(tmp_path: Path) -> None:
+    with pytest.raises(MisconfigurationException, match=r"2 SubspaceResampler callbacks are attached; keep exactly one"):
+        fit(tmp_path, [SubspaceResampler(), RenamedResampler(stagger=2)])
+    # Two of the same class share a checkpoint key: Lightning itself refuses them when the Trainer is built.
+    with pytest.raises(RuntimeError, match=r"more than one stateful callback of type `SubspaceResampler`"):
+        fit(tmp_path, [SubspaceResampler(), SubspaceResampler()])
+
+
+def test_manual_optimization(tmp_path: Path) -> None:
+    with pytest.raises(MisconfigurationException, match=r"needs automatic optimization.*optimizer.resample"):
+        fit(tmp_path, [SubspaceResampler()], ManualModule(optimizer_config()))
+
+
+def test_switch_without_max_steps(tmp_path: Path) -> None:
+    with pytest.raises(MisconfigurationException, match=r"fraction of trainer.max_steps, which is not set"):
+        fit(tmp_path, [SubspaceResampler(switch_at=0.5, switch_to="random")], max_steps=-1, max_epochs=1)
+
+
+def test_monitor_without_resampler(tmp_path: Path) -> None:
+    with pytest.raises(MisconfigurationException, match=r"none is attached: add SubspaceResampler\(\)"):
+        fit(tmp_path, [SubspaceOverlapMonitor()])
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.5, True, "3"])
+def test_update_gap_below_one(value: Any) -> None:
+    with pytest.raises(ValueError, match=r"update_gap: invalid value .*accepted: an integer >= 1"):
+        SubspaceResampler(update_gap=value)
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.0])
+def test_stagger_below_one(value: Any) -> None:
+    with pytest.raises(ValueError, match=r"stagger: invalid value .*accepted: an integer >= 1"):
+        SubspaceResampler(stagger=value)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "half"])
+def test_switch_fraction_outside_unit_interval(value: Any) -> None:
+    with pytest.raises(ValueError, match=r"switch_at: invalid value .*accepted: a fraction of trainer.max_steps in \[0, 1\]"):
+        SubspaceResampler(switch_at=value, switch_to="random")
+
+
+def test_switch_at_and_switch_to_go_together() -> None:
+    with pytest.raises(ValueError, match="switch_at and switch_to go together"):
+        SubspaceResampler(switch_at=0.5)
+    with pytest.raises(ValueError, match="switch_at and switch_to go together"):
+        SubspaceResampler(switch_to="random")
+
+
+@pytest.mark.parametrize("key", ["selector", "switch_to"])
+def test_unknown_selector_names(key: str) -> None:
+    kwargs = {"switch_at": 0.5, "switch_to": "random"}
+    kwargs[key] = "dominent"
+    with pytest.raises(ValueError, match=rf"{key}: unknown selector 'dominent'; accepted: dominant, importance, random"):
+        SubspaceResampler(**kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"image_interval": 0}, "image_interval: invalid value 0"),
+    ({"frozen_threshold": 0.0}, r"frozen_threshold: invalid value 0.0; accepted: a number in \(0, 1\]"),
+    ({"frozen_threshold": 1.5}, "frozen_threshold: invalid value 1.5"),
+    ({"frozen_patience": 0}, "frozen_patience: invalid value 0; accepted: an integer >= 1"),
+])
+def test_monitor_arguments(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SubspaceOverlapMonitor(**kwargs)
