@@ -81,3 +81,18 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path):
     resumed = {**first.losses, **second.losses}
     assert resumed == full.losses  # same batches, same draws, same optimizer state: identical losses
     assert (tmp_path / "split" / "config.1.yaml").is_file()  # the first run's resolved config was kept
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_bf16_precisions_train(tmp_path, precision):
+    recorder = _Recorder()
+    overrides = [*TINY, "trainer.max_steps=6", f"trainer.precision={precision}", f"out_dir={tmp_path}"]
+    run, resolved = load_run_config("default", overrides)
+    fit(run, resolved, callbacks=[recorder])
+    losses = [recorder.losses[step] for step in sorted(recorder.losses)]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    weight_dtype = checkpoint["state_dict"]["model.layers.0.self_attn.q_proj.weight"].dtype
+    assert weight_dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
+    basis = checkpoint["optimizer_states"][0]["state"][0]["lowrank_basis"]
+    assert basis.dtype == weight_dtype
