@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
@@ -19,8 +18,10 @@ class RefreshRecord:
         step: optimizer step of the refresh (seeds the draw).
         selector: name of the rule that drew the new basis.
         side: ``left`` or ``right``.
-        old_basis: (d, r) basis before the refresh, ``None`` at the first refresh.
-        new_basis: (d, r) basis after it.
+        old_basis: (d, r) basis before the refresh, ``None`` at the first refresh (and in slimmed copies).
+        new_basis: (d, r) basis after it (the optimizer's own state tensor, not a copy).
+        overlap: ||B_old^T B_new||_F^2 / r in [0, 1], computed from the bases when not given; ``None`` at the first
+            refresh. It survives ``dataclasses.replace(record, old_basis=None)``, which frees the old basis.
     """
 
     name: str
@@ -29,6 +30,11 @@ class RefreshRecord:
     side: str
     old_basis: torch.Tensor | None
     new_basis: torch.Tensor
+    overlap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.overlap is None and self.old_basis is not None:
+            object.__setattr__(self, "overlap", subspace_overlap(self.old_basis, self.new_basis))
 
     @property
     def rank(self) -> int:
@@ -37,11 +43,6 @@ class RefreshRecord:
     @property
     def dim(self) -> int:
         return self.new_basis.shape[0]
-
-    @functools.cached_property
-    def overlap(self) -> float | None:
-        """||B_old^T B_new||_F^2 / r in [0, 1]; ``None`` at the first refresh."""
-        return None if self.old_basis is None else subspace_overlap(self.old_basis, self.new_basis)
 
     @property
     def chance(self) -> float:

@@ -52,7 +52,7 @@ class RenamedResampler(SubspaceResampler):
 
 
 def test_two_resamplers(tmp_path: Path) -> None:
-    with pytest.raises(MisconfigurationException, match=r"2 SubspaceResampler callbacks are attached; keep exactly one"):
+    with pytest.raises(MisconfigurationException, match=r"2 SubspaceResampler callbacks are attached; keep exactly"):
         fit(tmp_path, [SubspaceResampler(), RenamedResampler(stagger=2)])
     # Two of the same class share a checkpoint key: Lightning itself refuses them when the Trainer is built.
     with pytest.raises(RuntimeError, match=r"more than one stateful callback of type `SubspaceResampler`"):
@@ -86,9 +86,9 @@ def test_stagger_below_one(value: Any) -> None:
         SubspaceResampler(stagger=value)
 
 
-@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "half"])
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "half", True])
 def test_switch_fraction_outside_unit_interval(value: Any) -> None:
-    with pytest.raises(ValueError, match=r"switch_at: invalid value .*accepted: a fraction of trainer.max_steps in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"switch_at: invalid value .*accepted: a fraction of .* in \[0, 1\]"):
         SubspaceResampler(switch_at=value, switch_to="random")
 
 
@@ -103,7 +103,7 @@ def test_switch_at_and_switch_to_go_together() -> None:
 def test_unknown_selector_names(key: str) -> None:
     kwargs = {"switch_at": 0.5, "switch_to": "random"}
     kwargs[key] = "dominent"
-    with pytest.raises(ValueError, match=rf"{key}: unknown selector 'dominent'; accepted: dominant, importance, random"):
+    with pytest.raises(ValueError, match=rf"{key}: unknown selector 'dominent'; accepted: dominant, importance, "):
         SubspaceResampler(**kwargs)
 
 

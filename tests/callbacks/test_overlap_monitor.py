@@ -43,21 +43,35 @@ def test_overlap_metrics_exact_values() -> None:
         record("m.layers.0.q_proj.weight", eye[:, :2], eye[:, :2]),               # same subspace: 1
         record("m.layers.0.k_proj.weight", eye[:, :2], eye[:, 2:]),               # orthogonal: 0
         record("m.layers.1.q_proj.weight", eye[:, :2], eye[:, 1:3]),              # one shared axis: 1/2
-        record("m.layers.1.k_proj.weight", None, eye[:, :2]),                     # first refresh: no overlap
         record("m.layers.1.v_proj.weight", eye, eye[:, [1, 0, 2, 3]]),            # full rank: chance 1
     ]
-    metrics = overlap_metrics(records, per_layer=True)
-    assert metrics == pytest.approx({
+    latest = {r.name: (r.overlap, r.chance) for r in records}
+    assert overlap_metrics(latest) == pytest.approx({
         "lowrank/overlap/q_proj": 0.75, "lowrank/overlap_chance/q_proj": 0.5, "lowrank/overlap_normalized/q_proj": 0.5,
         "lowrank/overlap/k_proj": 0.0, "lowrank/overlap_chance/k_proj": 0.5, "lowrank/overlap_normalized/k_proj": -1.0,
         "lowrank/overlap/v_proj": 1.0, "lowrank/overlap_chance/v_proj": 1.0,
         "lowrank/overlap/mean": 2.5 / 4, "lowrank/overlap_chance/mean": 2.5 / 4,
         "lowrank/overlap_normalized/mean": (1.0 - 1.0 + 0.0) / 3,
-        "lowrank/overlap_layer/m.layers.0.q_proj.weight": 1.0, "lowrank/overlap_layer/m.layers.0.k_proj.weight": 0.0,
-        "lowrank/overlap_layer/m.layers.1.q_proj.weight": 0.5, "lowrank/overlap_layer/m.layers.1.v_proj.weight": 1.0,
     })
-    assert overlap_metrics(records[3:4]) == {}
+    assert overlap_metrics({}) == {}
+    assert record("m.layers.1.k_proj.weight", None, eye[:, :2]).overlap is None  # first refresh: nothing to log
     assert normalized_overlap(0.25, 0.25) == 0.0 and normalized_overlap(1.0, 1.0) is None
+
+
+def test_staggered_aggregates_use_every_weights_latest_overlap(tmp_path: Path) -> None:
+    module = MLPModule(optimizer_config(update_gap=4), blocks=2)
+    logger = RecordingLogger()
+    monitor = SubspaceOverlapMonitor(per_layer=True, image_interval=None)
+    make_trainer(tmp_path, 7, [SubspaceResampler(stagger=2), monitor], logger).fit(module, regression_loader())
+    # Overlaps: layers.1 at 2 and 6, layers.0 at 4. At 2 only layers.1 has one; from 4 on both layers count.
+    at2, at4, at6 = logger.at(2), logger.at(4), logger.at(6)
+    layer = "lowrank/overlap_layer/layers.{}.{}.weight"
+    assert set(k for k in at4 if "overlap_layer" in k) == {layer.format(0, "fc1"), layer.format(0, "fc2")}
+    assert at2["lowrank/overlap/fc1"] == at2[layer.format(1, "fc1")]
+    assert at4["lowrank/overlap/fc1"] == pytest.approx((at4[layer.format(0, "fc1")] + at2[layer.format(1, "fc1")]) / 2)
+    assert at6["lowrank/overlap/fc2"] == pytest.approx((at4[layer.format(0, "fc2")] + at6[layer.format(1, "fc2")]) / 2)
+    values = [at6[layer.format(i, k)] if i else at4[layer.format(i, k)] for i in (0, 1) for k in ("fc1", "fc2")]
+    assert at6["lowrank/overlap/mean"] == pytest.approx(sum(values) / 4)
 
 
 def test_dominant_on_a_fixed_gradient_gives_overlap_one_and_warns_once(tmp_path: Path) -> None:

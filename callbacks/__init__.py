@@ -1,0 +1,17 @@
+"""Lightning callbacks of lowrank-recipes; they work with any LightningModule whose optimizer is a
+``lowrank.LowRankOptimizer``.
+
+* :class:`SubspaceResampler`: when bases are refreshed (every ``update_gap`` optimizer steps, optionally staggered
+  across layers, optionally switching selector part-way: GoLore), with the wall time of each refresh.
+* :class:`SubspaceOverlapMonitor`: how much each refresh moved the subspaces (overlap vs chance r/d), a picture of
+  it, and a warning when the subspace freezes. It reads the resampler's refreshes (subscribes to it).
+
+Usage::
+
+    trainer = Trainer(callbacks=[SubspaceResampler(), SubspaceOverlapMonitor()], ...)
+"""
+
+from callbacks.overlap_monitor import SubspaceOverlapMonitor
+from callbacks.resampler import SubspaceResampler
+
+__all__ = ["SubspaceOverlapMonitor", "SubspaceResampler"]
