@@ -50,6 +50,31 @@ class ScheduleConfig:
 
 
 @dataclasses.dataclass
+class SubspaceConfig:
+    """When subspaces refresh and how they are watched (``optimizer.name: lowrank`` only; the callbacks in
+    ``callbacks/``). The refresh interval itself is ``optimizer.lowrank.update_gap``.
+
+    Attributes:
+        stagger: k > 1 spreads the refreshes over k slices of the layers (no SVD spike every T steps).
+        switch_at: fraction of ``trainer.max_steps`` after which refreshes use ``switch_to`` (GoLore: dominant, then
+            random); None = never.
+        switch_to: the selector from ``switch_at`` on.
+        per_layer: also log the overlap of every weight.
+        image_interval: refreshes between two overlap heatmaps in TensorBoard; None = none.
+        frozen_threshold: normalised overlap above which a refresh counts as "frozen".
+        frozen_patience: consecutive frozen refreshes before the warning.
+    """
+
+    stagger: int = 1
+    switch_at: float | None = None
+    switch_to: str | None = None
+    per_layer: bool = False
+    image_interval: int | None = 10
+    frozen_threshold: float = 0.9
+    frozen_patience: int = 3
+
+
+@dataclasses.dataclass
 class TrainerConfig:
     """What Lightning's Trainer gets.
 
@@ -93,6 +118,7 @@ class RunConfig:
         data: data source, tokenizer, sequence length, micro-batch (``recipes.data.DataConfig``).
         optimizer: ``adamw`` or ``lowrank`` and their settings (``lowrank.OptimizerConfig``).
         schedule: learning-rate schedule.
+        subspace: refresh schedule and overlap monitoring of the low-rank optimizer.
         trainer: Lightning Trainer settings.
         out_dir: where TensorBoard logs, checkpoints and the resolved config go.
         seed: seeds model init, data order and (unless set) the subspace draws.
@@ -103,6 +129,7 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    subspace: SubspaceConfig = dataclasses.field(default_factory=SubspaceConfig)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     out_dir: str = "runs/default"
     seed: int = 0
@@ -211,9 +238,20 @@ def validate_run(run: RunConfig) -> None:
     if run.resume not in ("auto", "never") and not Path(run.resume).is_file():
         problems.append(f"resume: checkpoint {run.resume!r} does not exist; accepted: auto | never | a checkpoint path")
     if not problems:
-        problems += _optimizer_problems(run)
+        problems += _optimizer_problems(run) + _subspace_problems(run)
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+
+def _subspace_problems(run: RunConfig) -> list[str]:
+    """The callbacks validate their own arguments; report their message under the ``subspace.`` keys."""
+    from recipes.trainer import subspace_callbacks
+
+    try:
+        subspace_callbacks(run)
+    except ValueError as err:
+        return [f"subspace.{err}"]
+    return []
 
 
 def _optimizer_problems(run: RunConfig) -> list[str]:

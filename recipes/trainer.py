@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Th
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from callbacks import SubspaceOverlapMonitor, SubspaceResampler
 from recipes.config import RunConfig
 from recipes.data.datamodule import PretrainDataModule
 from recipes.module import LlamaPretrainModule, module_kwargs
@@ -37,6 +38,19 @@ def _tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def _sequences(batch: dict[str, torch.Tensor]) -> int:
     return batch["input_ids"].shape[0]
+
+
+def subspace_callbacks(run: RunConfig) -> list[pl.Callback]:
+    """The resampler and the overlap monitor for a low-rank run; none for full-rank AdamW."""
+    if run.optimizer.name != "lowrank":
+        return []
+    sub = run.subspace
+    resampler = SubspaceResampler(stagger=sub.stagger, switch_at=sub.switch_at, switch_to=sub.switch_to)
+    monitor = SubspaceOverlapMonitor(
+        per_layer=sub.per_layer, image_interval=sub.image_interval,
+        frozen_threshold=sub.frozen_threshold, frozen_patience=sub.frozen_patience,
+    )
+    return [resampler, monitor]
 
 
 def build_trainer(run: RunConfig, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
@@ -69,6 +83,7 @@ def build_trainer(run: RunConfig, callbacks: list[pl.Callback] | None = None) ->
             LearningRateMonitor(logging_interval="step"),
             # train/device/items_per_sec is tokens/s per device (length_fn counts tokens), a rolling mean over 10 optimizer steps.
             ThroughputMonitor(batch_size_fn=_sequences, length_fn=_tokens, window_size=10),
+            *subspace_callbacks(run),
             *(callbacks or []),
         ],
         default_root_dir=str(out),
