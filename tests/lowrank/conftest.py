@@ -30,10 +30,3 @@ def fixed_selector(monkeypatch: pytest.MonkeyPatch) -> type[FixedSelector]:
     FixedSelector.bases.clear()
     yield FixedSelector
     FixedSelector.bases.clear()
-
-
-def random_orthonormal(d: int, r: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """An orthonormal (d, r) basis from float64 QR of a seeded Gaussian (test oracle helper)."""
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))
-    return q.to(dtype)

@@ -11,7 +11,7 @@ import torch
 
 from lowrank import LowRankOptimizer
 
-from .conftest import random_orthonormal
+from .helpers import random_orthonormal
 
 BETAS, EPS, LR = (0.9, 0.99), 1e-8, 0.01
 

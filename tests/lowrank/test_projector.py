@@ -17,24 +17,8 @@ from lowrank.projector import (
     subspace_overlap,
 )
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Small LAPACK calls (QR especially) can be 50x slower with 2 OpenMP threads on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def haar(d: int, r: int, seed: int) -> torch.Tensor:
-    """Column-orthonormal (d, r) in float64: QR of a Gaussian with R's diagonal signs folded in (Haar)."""
-    q, upper = torch.linalg.qr(torch.randn(d, r, generator=gen(seed), dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(upper))
+from .helpers import gen
+from .helpers import random_orthonormal as haar
 
 
 def explicit_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -13,24 +13,8 @@ from lowrank.selectors import SELECTORS, is_refreshable, make_selector
 NAMES = ("dominant", "importance", "random", "randomized_dominant", "randomized_importance")
 SVD_BASED = ("dominant", "importance", "randomized_dominant", "randomized_importance")
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Small LAPACK calls (QR especially) can be 50x slower with 2 OpenMP threads on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def haar(d: int, r: int, seed: int) -> torch.Tensor:
-    """Orthonormal (d, r) from float64 QR of a Gaussian (only its span is used by the oracles)."""
-    q, _ = torch.linalg.qr(torch.randn(d, r, generator=gen(seed), dtype=torch.float64))
-    return q
+from .helpers import gen
+from .helpers import random_orthonormal as haar
 
 
 def with_spectrum(d: int, k: int, sigma: list[float], seed: int) -> torch.Tensor:

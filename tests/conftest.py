@@ -1,4 +1,4 @@
-"""The callback tests train tiny models: one intra-op thread is faster than several fighting over 2 cores."""
+"""Fixtures shared by every test."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 
 @pytest.fixture(autouse=True)
 def _single_thread() -> Iterator[None]:
+    """One intra-op thread: the tests' matrices are tiny, and on a busy 2-core machine small LAPACK calls (QR
+    especially) and tiny models run many times slower with two OpenMP threads fighting over the cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
