@@ -13,11 +13,14 @@ moments (for the ``rotate`` moment policy) and whether the base's step depends o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from lowrank.compact_adamw import CompactAdamW, compact_state_bytes
 
 BaseFactory = Callable[..., torch.optim.Optimizer]
 
@@ -36,6 +39,9 @@ class BaseSpec:
             ``eps[1]`` to max(eps2, RMS(W)) of the full weight W before each step (GaLore's Adafactor also scales
             by the full weight).
         state_elements: moment elements the base keeps for a tensor of a given shape (the group table's estimate).
+        state_bytes: ``state_bytes(shape, dtype)``, bytes of the base's state for a parameter of that shape and dtype
+            (codes and scales of 8-bit states included, scalar counters excluded); None means
+            ``state_elements(shape) * dtype.itemsize``. Read it through :meth:`estimate_state_bytes`.
     """
 
     name: str
@@ -44,10 +50,17 @@ class BaseSpec:
     second_moment_keys: tuple[str, ...] = ()
     relative_step: bool = False
     state_elements: Callable[[tuple[int, ...]], int] = lambda shape: 2 * math.prod(shape)
+    state_bytes: Callable[[tuple[int, ...], torch.dtype], int] | None = None
 
     @property
     def rotatable(self) -> bool:
         return bool(self.first_moment_keys or self.second_moment_keys)
+
+    def estimate_state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Bytes of the base's state for a parameter of ``shape`` and ``dtype`` (see ``state_bytes``)."""
+        if self.state_bytes is not None:
+            return self.state_bytes(tuple(shape), dtype)
+        return self.state_elements(tuple(shape)) * dtype.itemsize
 
     def prepare_group(self, base_group: dict[str, Any], weight: torch.Tensor, user_eps: Any) -> None:
         """Per-step adjustment of a per-parameter base group (only for ``relative_step`` bases)."""
@@ -74,10 +87,25 @@ BASES: dict[str, BaseSpec] = {
 }
 
 
+def _compact_adamw_spec(name: str, precision: str) -> BaseSpec:
+    """AdamW with bf16 or 8-bit moments (lowrank.compact_adamw); its moments rotate through lowrank.moment_storage."""
+    return BaseSpec(
+        name,
+        functools.partial(CompactAdamW, state_precision=precision),
+        first_moment_keys=("exp_avg",),
+        second_moment_keys=("exp_avg_sq",),
+        state_bytes=functools.partial(compact_state_bytes, state_precision=precision),
+    )
+
+
 def register_base(spec: BaseSpec) -> BaseSpec:
-    """Adds a base optimizer kind to ``BASES`` (the 8-bit bases register themselves this way)."""
+    """Adds a base optimizer kind to ``BASES`` (the bf16 and 8-bit AdamW bases below are registered this way)."""
     BASES[spec.name] = spec
     return spec
+
+
+register_base(_compact_adamw_spec("adamw_bf16", "bf16"))
+register_base(_compact_adamw_spec("adamw8bit", "8bit"))
 
 
 def resolve_base(base: str | BaseFactory | BaseSpec) -> BaseSpec:

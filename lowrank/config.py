@@ -18,6 +18,8 @@ from lowrank.selectors import SELECTORS
 from lowrank.structured import from_mapping
 
 OPTIMIZER_NAMES: tuple[str, ...] = ("adamw", "lowrank")
+STATE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "8bit")
+PRECISION_BASES: dict[str, str] = {"bf16": "adamw_bf16", "8bit": "adamw8bit"}  # AdamW with compact moments
 
 # Attention and MLP projections of a LLaMA-style decoder; regular expressions searched in parameter names.
 DEFAULT_TARGETS: tuple[str, ...] = tuple(
@@ -41,7 +43,8 @@ class LowRankConfig:
         fira_gamma: Fira's norm-growth limit.
         oversampling: k - r for the randomized selectors (they see only the top k = r + oversampling directions).
         power_iters: subspace iterations of the randomized range finder.
-        base: base optimizer on the projected gradients: adamw, adam, adafactor.
+        base: base optimizer on the projected gradients: adamw, adam, adafactor (``optimizer.state_precision`` picks
+            adamw's bf16 or 8-bit variant, adamw_bf16 / adamw8bit, which may also be named here directly).
         targets: regular expressions (``re.search`` on parameter names); a 2-D parameter matching any goes low-rank.
             Each pattern must match at least one 2-D parameter (an error otherwise: a typo would silently train
             full-rank).
@@ -73,6 +76,9 @@ class OptimizerConfig:
         betas: Adam's (beta1, beta2).
         eps: Adam's epsilon; 1e-6 is what the reference runs used (its script never set it, the library default).
         weight_decay: decoupled weight decay (0 in the reference runs).
+        state_precision: storage of Adam's moments: fp32 (torch AdamW), bf16, or 8bit (block-wise dynamic
+            quantization, lowrank.quantization; tensors under 4096 elements stay fp32). Applies to the low-rank
+            moments and the plain group's alike.
         lowrank: low-rank settings, used when ``name`` is lowrank.
     """
 
@@ -81,7 +87,14 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
     weight_decay: float = 0.0
+    state_precision: str = "fp32"
     lowrank: LowRankConfig = dataclasses.field(default_factory=LowRankConfig)
+
+    def base_name(self) -> str:
+        """The base optimizer of the low-rank variant, with the state precision applied."""
+        if self.state_precision == "fp32" or self.lowrank.base in PRECISION_BASES.values():
+            return self.lowrank.base
+        return PRECISION_BASES.get(self.state_precision, self.lowrank.base) if self.lowrank.base == "adamw" else ""
 
     def validate(self, prefix: str = "optimizer") -> None:
         """Raises one ValueError listing every invalid value with its key and the accepted values."""
@@ -117,9 +130,15 @@ def _problems(cfg: OptimizerConfig, prefix: str) -> list[str]:
         (_int_at_least(low.oversampling, 0), f"{lp}.oversampling", low.oversampling, "an integer >= 0"),
         (_int_at_least(low.power_iters, 0), f"{lp}.power_iters", low.power_iters, "an integer >= 0"),
         (low.base in BASES, f"{lp}.base", low.base, " | ".join(sorted(BASES))),
+        (cfg.state_precision in STATE_PRECISIONS, f"{prefix}.state_precision", cfg.state_precision, " | ".join(STATE_PRECISIONS)),
         (len(low.targets) > 0, f"{lp}.targets", low.targets, "a non-empty list of regular expressions"),
     ]
     problems = [f"{key}: invalid value {value!r}; accepted: {accepted}" for ok, key, value, accepted in checks if not ok]
+    if cfg.state_precision in PRECISION_BASES and low.base in BASES and not cfg.base_name():
+        problems.append(
+            f"{prefix}.state_precision: {cfg.state_precision!r} is available with {lp}.base adamw, not {low.base!r}; "
+            "accepted with this base: fp32"
+        )
     if low.moment_policy == "rotate" and low.base in BASES and not BASES[low.base].rotatable:
         problems.append(f"{lp}.moment_policy: 'rotate' is not available with base {low.base!r}; accepted: keep | reset")
     return problems

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from lowrank.bases import BASES
-from lowrank.config import OptimizerConfig, optimizer_config_from_dict
+from lowrank.compact_adamw import CompactAdamW
+from lowrank.config import PRECISION_BASES, OptimizerConfig, optimizer_config_from_dict
 from lowrank.optimizer import LowRankOptimizer
 from lowrank.projector import basis_dim, projected_shape, resolve_side
 
@@ -62,7 +63,7 @@ class GroupTable:
 
 
 def _base_options(cfg: OptimizerConfig, base: str) -> dict[str, Any]:
-    if base in ("adam", "adamw"):
+    if base in ("adam", "adamw", "adamw_bf16", "adamw8bit"):
         return {"betas": tuple(cfg.betas), "eps": cfg.eps}
     return {}  # Adafactor keeps its own defaults (no first moment; relative steps)
 
@@ -106,11 +107,18 @@ def build_optimizer(
     if not named:
         raise ValueError("model has no trainable parameters")
     if cfg.name == "adamw":
-        optimizer = torch.optim.AdamW(
-            [{"params": [p for _, p in named], "param_names": [n for n, _ in named], "name": "plain"}],
-            lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
-        )
-        rows = [TableRow(n, tuple(p.shape), "plain", None, None, None, 2 * p.numel() * p.element_size()) for n, p in named]
+        # fp32: torch's own AdamW, the reference baseline; bf16 / 8bit: the same update with compact moments.
+        groups = [{"params": [p for _, p in named], "param_names": [n for n, _ in named], "name": "plain"}]
+        hyper = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+        if cfg.state_precision == "fp32":
+            optimizer = torch.optim.AdamW(groups, **hyper)
+        else:
+            optimizer = CompactAdamW(groups, state_precision=cfg.state_precision, **hyper)
+        spec = BASES[PRECISION_BASES.get(cfg.state_precision, "adamw")]
+        rows = [
+            TableRow(n, tuple(p.shape), "plain", None, None, None, spec.estimate_state_bytes(tuple(p.shape), p.dtype))
+            for n, p in named
+        ]
         return optimizer, GroupTable(tuple(rows))
 
     low = cfg.lowrank
@@ -121,17 +129,19 @@ def build_optimizer(
                 f"optimizer.lowrank.rank: {low.rank} is larger than parameter {name!r} allows (shape "
                 f"{tuple(param.shape)}); accepted: 1 .. {min(param.shape)}, or exclude it from optimizer.lowrank.targets"
             )
-    spec = BASES[low.base]
+    base = cfg.base_name()
+    spec = BASES[base]
     rows, lowrank_named, plain_named = [], [], []
     for name, param in named:
         shape = tuple(param.shape)
         if name in chosen:
             side = resolve_side(shape, low.side)
-            elements = spec.state_elements(projected_shape(shape, side, low.rank)) + basis_dim(shape, side) * low.rank
-            rows.append(TableRow(name, shape, "lowrank", low.rank, side, chosen[name], elements * param.element_size()))
+            moments = spec.estimate_state_bytes(projected_shape(shape, side, low.rank), param.dtype)
+            basis = basis_dim(shape, side) * low.rank * param.element_size()
+            rows.append(TableRow(name, shape, "lowrank", low.rank, side, chosen[name], moments + basis))
             lowrank_named.append((name, param))
         else:
-            rows.append(TableRow(name, shape, "plain", None, None, None, spec.state_elements(shape) * param.element_size()))
+            rows.append(TableRow(name, shape, "plain", None, None, None, spec.estimate_state_bytes(shape, param.dtype)))
             plain_named.append((name, param))
     groups = [
         # "name" labels the groups in Lightning's LearningRateMonitor (train/lr/lowrank, train/lr/plain).
@@ -144,8 +154,8 @@ def build_optimizer(
         groups,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
-        base=low.base,
-        base_options=_base_options(cfg, low.base),
+        base=base,
+        base_options=_base_options(cfg, base),
         alpha=low.alpha,
         selector=low.selector,
         update_gap=low.update_gap,

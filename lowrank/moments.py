@@ -8,6 +8,9 @@ one (R is (m, r)): always along the projected dimension.
   Keeps results comparable with the papers.
 * ``rotate``: first moment M <- C M (exact). The second moment has no exact rotation (it is an element-wise square);
   V <- (C * C) V with element-wise squared coefficients is used, which keeps it non-negative. An approximation.
+  Compact moments (bf16, 8-bit codes with block scales; :mod:`lowrank.moment_storage`) are decoded to float32,
+  rotated and re-encoded in their stored format; moments narrower than float32 are rotated in float32 and rounded
+  once.
 * ``reset``: the base state of the parameter is cleared; the base re-initialises it (and its bias correction) on
   the next step.
 """
@@ -17,6 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from lowrank.moment_storage import read_moment, write_moment
 
 MOMENT_POLICIES: tuple[str, ...] = ("keep", "rotate", "reset")
 
@@ -45,10 +50,9 @@ def apply_moment_policy(
         raise ValueError(f"moment_policy: unknown value {policy!r}; accepted: {', '.join(MOMENT_POLICIES)}")
     dtype = torch.promote_types(new_basis.dtype, torch.float32)  # float32 or wider, also for bf16 bases
     change = new_basis.to(dtype).T @ old_basis.to(dtype)  # (r, r)
-    for key in first_moment_keys:
-        if key in base_state:
-            base_state[key].copy_(_apply(change, base_state[key], side))
     squared = change.square()
-    for key in second_moment_keys:
-        if key in base_state:
-            base_state[key].copy_(_apply(squared, base_state[key], side))
+    for keys, matrix, signed in ((first_moment_keys, change, True), (second_moment_keys, squared, False)):
+        for key in keys:
+            if key in base_state:  # read/write keep the stored format: fp32, bf16 or 8-bit codes with scales
+                moment = read_moment(base_state, key, signed)
+                write_moment(base_state, key, _apply(matrix, moment, side), signed)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from lowrank.bases import BaseFactory, BaseSpec, resolve_base
+from lowrank.compact_adamw import STORAGE_KEYS
 from lowrank.fira import fira_residual
 from lowrank.moments import MOMENT_POLICIES, apply_moment_policy
 from lowrank.projector import SIDES, add_back_projected_, orient, placeholder_basis, project, projected_shape, resolve_side
@@ -329,7 +330,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for index, entry in state_dict["state"].items():
             own[index] = {k: v for k, v in entry.items() if k in _OWN_STATE_KEYS}
             base[index] = {k: v for k, v in entry.items() if k not in _OWN_STATE_KEYS}
+        # Storage options of the base (state precision, ...) are this run's configuration, not the checkpoint's: a
+        # checkpoint saved with 8-bit states resumes with whatever precision this optimizer was built with.
+        storage = [{k: g[k] for k in STORAGE_KEYS if k in g} for g in self.param_groups]
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        for group, kept in zip(self.param_groups, storage):
+            group.update(kept)
         params = [p for group in self.param_groups for p in group["params"]]
         for index, entry in own.items():
             param = params[int(index)]
