@@ -5,6 +5,8 @@
   across layers, optionally switching selector part-way: GoLore), with the wall time of each refresh.
 * :class:`SubspaceOverlapMonitor`: how much each refresh moved the subspaces (overlap vs chance r/d), a picture of
   it, and a warning when the subspace freezes. It reads the resampler's refreshes (subscribes to it).
+* :class:`OptimizerStatePrecision`: checks that the strategy can hold bf16 / 8-bit optimizer states and converts a
+  resumed checkpoint's states to the run's precision.
 
 Usage::
 
@@ -13,5 +15,6 @@ Usage::
 
 from callbacks.overlap_monitor import SubspaceOverlapMonitor
 from callbacks.resampler import SubspaceResampler
+from callbacks.state_precision import OptimizerStatePrecision
 
-__all__ = ["SubspaceOverlapMonitor", "SubspaceResampler"]
+__all__ = ["OptimizerStatePrecision", "SubspaceOverlapMonitor", "SubspaceResampler"]

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Th
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from callbacks import SubspaceOverlapMonitor, SubspaceResampler
+from callbacks import OptimizerStatePrecision, SubspaceOverlapMonitor, SubspaceResampler
 from recipes.config import RunConfig
 from recipes.data.datamodule import PretrainDataModule
 from recipes.module import LlamaPretrainModule, module_kwargs
@@ -83,6 +83,7 @@ def build_trainer(run: RunConfig, callbacks: list[pl.Callback] | None = None) ->
             LearningRateMonitor(logging_interval="step"),
             # train/device/items_per_sec is tokens/s per device (length_fn counts tokens), a rolling mean over 10 optimizer steps.
             ThroughputMonitor(batch_size_fn=_sequences, length_fn=_tokens, window_size=10),
+            OptimizerStatePrecision(),
             *subspace_callbacks(run),
             *(callbacks or []),
         ],

@@ -96,3 +96,23 @@ def test_bf16_precisions_train(tmp_path, precision):
     assert weight_dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
     basis = checkpoint["optimizer_states"][0]["state"][0]["lowrank_basis"]
     assert basis.dtype == weight_dtype
+
+
+@pytest.mark.parametrize("resumed_as", ["fp32", "bf16"])
+def test_8bit_checkpoint_resumes_with_another_state_precision(tmp_path, resumed_as):
+    common = [*TINY, "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=3", f"out_dir={tmp_path}",
+              "model.hidden_size=64", "model.intermediate_size=128"]  # 24k-element embeddings: really 8-bit
+    first = _Recorder(stop_at=3)
+    run, resolved = load_run_config("default", [*common, "optimizer.state_precision=8bit"])
+    fit(run, resolved, callbacks=[first])
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert any(v.dtype == torch.uint8 for e in saved["optimizer_states"][0]["state"].values() for v in e.values())
+    second = _Recorder()
+    run, resolved = load_run_config("default", [*common, f"optimizer.state_precision={resumed_as}"])
+    fit(run, resolved, callbacks=[second])
+    assert sorted(second.losses) == [4, 5, 6] and all(torch.isfinite(torch.tensor(list(second.losses.values()))))
+    final = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["optimizer_states"][0]["state"]
+    dtypes = {v.dtype for e in final.values() for k, v in e.items() if k in ("exp_avg", "exp_avg_sq")}
+    assert dtypes == ({torch.float32} if resumed_as == "fp32" else {torch.bfloat16})
+    # Converted, not cast: torch's AdamW would have cast the uint8 codes to floats and kept their block scales.
+    assert not any(k.endswith("_absmax") for e in final.values() for k in e)
