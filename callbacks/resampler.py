@@ -272,6 +272,12 @@ class SubspaceResampler(Callback):
                 "of lowrank.build_optimizer(model, {'name': 'lowrank', ...}) from configure_optimizers, or remove "
                 "the callback"
             )
+        if getattr(lowrank[0], "per_layer", None) is not None:
+            raise MisconfigurationException(
+                "SubspaceResampler cannot run with per-layer updates: the gradients are freed inside backward, before "
+                "on_before_optimizer_step; drop the SubspaceResampler (the optimizer refreshes each basis itself "
+                "inside backward every update_gap steps)"
+            )
         if not any(group["rank"] is not None for group in lowrank[0].param_groups):
             raise MisconfigurationException(
                 "SubspaceResampler: the LowRankOptimizer has no low-rank group (no group sets 'rank'); check "

@@ -18,9 +18,16 @@ Bases are refreshed from the current gradient by :meth:`LowRankOptimizer.resampl
 every ``update_gap`` optimizer steps, counting from step 0, never both. A parameter without a basis gets one at its
 first step with a gradient. Every draw follows the randomness rule of :mod:`lowrank.randomness`.
 
+Per-layer updates (:mod:`lowrank.per_layer`) run the same update one parameter at a time inside backward
+(:meth:`LowRankOptimizer.step_parameter`, refreshing on the ``update_gap`` schedule); ``step`` then only advances the
+counters, the gradients being gone.
+
 State is per parameter and tensor-only, so ``torch.load(weights_only=True)`` works: the base's entries (``step``,
 ``exp_avg``, ...) plus ``lowrank_basis`` (d, r) and, with Fira, ``fira_norm`` (0-dim). The step counter of a
 low-rank group is the group entry ``lowrank_step`` (an int).
+
+This file is longer than the project's ~300-line guideline on purpose: the ordinary step, the per-layer step
+(``step_parameter``, lowrank.per_layer) and the refresh share the private state of one class.
 """
 
 from __future__ import annotations
@@ -104,6 +111,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._stand_ins: dict[torch.Tensor, torch.Tensor] = {}
         self._base: torch.optim.Optimizer | None = None
         self._selectors: dict[tuple[Any, ...], SubspaceSelector] = {}
+        # Per-layer updates (lowrank.per_layer): the active updater, whether the base groups were synced this step,
+        # and where each tensor sits: param -> (group index, index in group), for our groups and the base's.
+        self.per_layer: Any = None
+        self._synced_this_step = False
+        self._where: dict[torch.Tensor, tuple[int, int]] = {}
+        self._base_where: dict[torch.Tensor, tuple[int, int]] = {}
         super().__init__(params, defaults)
         self._base = self.spec.factory(self._base_groups(self.param_groups), **self._base_options)
 
@@ -224,6 +237,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
             One record per refreshed parameter (old and new basis, overlap). Parameters without a gradient, or with
             an all-zero or non-finite one (a warning names them; the old basis is kept), are not refreshed.
         """
+        if self.per_layer is not None:
+            raise RuntimeError(
+                "lowrank: resample() cannot run with per-layer updates: the gradients are freed inside backward; the "
+                "optimizer refreshes each basis itself inside backward every update_gap steps (auto_refresh)"
+            )
         if selector is not None:
             _check(selector in SELECTORS, "selector", selector, ", ".join(sorted(SELECTORS)))
         wanted = None if params is None else {p if isinstance(p, str) else id(p) for p in params}
@@ -274,26 +292,67 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._sync_base_groups()
         active = []  # (group, param, stand-in, basis, side)
         for group, name, param in self._lowrank_params():
-            stand_in = self._stand_ins[param]
             if param.grad is None:
-                stand_in.grad = None
+                self._stand_ins[param].grad = None
                 continue
-            due = self.auto_refresh and group["lowrank_step"] % group["update_gap"] == 0
-            if due or "lowrank_basis" not in self.state[param]:
-                self._refresh(group, name, param, group["lowrank_step"], None)
-            basis = self.state[param]["lowrank_basis"]
-            side = resolve_side(param.shape, group["side"])
-            stand_in.zero_()
-            stand_in.grad = project(param.grad, basis, side)
-            active.append((group, param, stand_in, basis, side))
+            active.append(self._project_grad(group, name, param))
         self._base.step()
-        for group, param, stand_in, basis, side in active:
-            self._apply_update(group, param, stand_in, basis, side)
-            stand_in.grad = None
+        for entry in active:
+            self._apply_update(*entry)
+            entry[2].grad = None
         for group in self.param_groups:
             if group["rank"] is not None:
                 group["lowrank_step"] += 1
+        self._synced_this_step = False
         return loss
+
+    @torch.no_grad()
+    def step_parameter(self, param: torch.Tensor) -> None:
+        """Updates one parameter from its current gradient as :meth:`step` would (refresh when due, base step,
+        update), without advancing any step counter: the :meth:`step` after the backward finishes the optimizer step
+        (it only advances the counters, the gradients being gone). Per-layer updates (:mod:`lowrank.per_layer`) call
+        it inside backward, one parameter at a time; the caller frees the gradient afterwards."""
+        if param.grad is None:
+            return
+        if not self._synced_this_step:  # once per step, before any update (as in step)
+            self._sync_base_groups()
+            self._synced_this_step = True
+        gi, pi = _locate(self._where, self.param_groups, param)
+        group = self.param_groups[gi]
+        if group["rank"] is None:
+            self._base_step_on(param)
+            return
+        entry = self._project_grad(group, group["param_names"][pi], param)
+        self._base_step_on(entry[2])
+        self._apply_update(*entry)
+        entry[2].grad = None
+
+    def _project_grad(
+        self, group: dict[str, Any], name: str, param: torch.Tensor
+    ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor, str]:
+        """Refreshes the basis when due, then sets the stand-in to zero with the projected gradient as its grad."""
+        stand_in = self._stand_ins[param]
+        due = self.auto_refresh and group["lowrank_step"] % group["update_gap"] == 0
+        if due or "lowrank_basis" not in self.state[param]:
+            self._refresh(group, name, param, group["lowrank_step"], None)
+        basis = self.state[param]["lowrank_basis"]
+        side = resolve_side(param.shape, group["side"])
+        stand_in.zero_()
+        stand_in.grad = project(param.grad, basis, side)
+        return group, param, stand_in, basis, side
+
+    def _base_step_on(self, tensor: torch.Tensor) -> None:
+        """Runs the base step on ``tensor`` alone: its base group, narrowed to it, is the base's only group meanwhile
+        (the base's own rule and state, untouched for every other tensor)."""
+        base = self._base
+        gi, _ = _locate(self._base_where, base.param_groups, tensor)
+        groups, group = base.param_groups, base.param_groups[gi]
+        params = group["params"]
+        group["params"], base.param_groups = [tensor], [group]
+        try:
+            base.step()
+        finally:
+            group["params"], base.param_groups = params, groups
 
     def _apply_update(
         self, group: dict[str, Any], param: torch.Tensor, stand_in: torch.Tensor, basis: torch.Tensor, side: str
@@ -350,6 +409,25 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for entry in self.state_dict()["state"].values():
             total += sum(v.numel() * v.element_size() for v in entry.values() if torch.is_tensor(v) and v.dim() > 0)
         return total
+
+
+def _locate(
+    cache: dict[torch.Tensor, tuple[int, int]], groups: list[dict[str, Any]], tensor: torch.Tensor
+) -> tuple[int, int]:
+    """(group index, index in group) of ``tensor``; the cache is rebuilt when groups changed (add, load)."""
+    where = cache.get(tensor)
+    if where is None or where[0] >= len(groups) or not _holds(groups[where[0]]["params"], where[1], tensor):
+        cache.clear()
+        cache.update({p: (gi, pi) for gi, g in enumerate(groups) for pi, p in enumerate(g["params"])})
+        if tensor not in cache:
+            shape = tuple(tensor.shape)
+            raise ValueError(f"step_parameter: a tensor of shape {shape} is not a parameter of this optimizer")
+        where = cache[tensor]
+    return where
+
+
+def _holds(params: list[torch.Tensor], index: int, tensor: torch.Tensor) -> bool:
+    return index < len(params) and params[index] is tensor
 
 
 def _is_int(value: Any, minimum: int) -> bool:

@@ -93,6 +93,10 @@ class TrainerConfig:
         limit_val_batches: validation micro-batches per rank per validation; None = the whole validation set.
         log_every_n_steps: logging interval in optimizer steps.
         checkpoint_every_n_steps: periodic checkpoint interval in optimizer steps (``last.ckpt`` is kept too).
+        per_layer_updates: step each weight inside backward and free its gradient at once (lowrank optimizer, one
+            device, no accumulation, no gradient_clip_val; subspaces then refresh inside backward every
+            optimizer.lowrank.update_gap steps and the overlap monitor is off).
+        per_layer_clip_norm: per-parameter gradient-norm clipping with per-layer updates; None = off.
     """
 
     max_steps: int = 800
@@ -107,6 +111,8 @@ class TrainerConfig:
     limit_val_batches: int | None = None
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 200
+    per_layer_updates: bool = False
+    per_layer_clip_norm: float | None = None
 
 
 @dataclasses.dataclass
@@ -225,6 +231,8 @@ def validate_run(run: RunConfig) -> None:
             f"trainer.global_batch_size: {t.global_batch_size} is not a multiple of data.micro_batch_size x devices x "
             f"num_nodes = {d.micro_batch_size * t.devices * t.num_nodes}; accepted: multiples of it"
         )
+    if t.per_layer_updates and run.optimizer.name != "lowrank":
+        problems.append("trainer.per_layer_updates: needs optimizer.name=lowrank; accepted with adamw: false")
     for key in ("warmup_fraction", "min_lr_ratio"):
         if not 0 <= getattr(run.schedule, key) <= 1:
             problems.append(f"schedule.{key}: invalid value {getattr(run.schedule, key)!r}; accepted: a number in [0, 1]")

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Th
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from callbacks import OptimizerStatePrecision, SubspaceOverlapMonitor, SubspaceResampler
+from callbacks import OptimizerStatePrecision, PerLayerUpdates, SubspaceOverlapMonitor, SubspaceResampler
 from recipes.config import RunConfig
 from recipes.data.datamodule import PretrainDataModule
 from recipes.module import LlamaPretrainModule, module_kwargs
@@ -41,9 +41,12 @@ def _sequences(batch: dict[str, torch.Tensor]) -> int:
 
 
 def subspace_callbacks(run: RunConfig) -> list[pl.Callback]:
-    """The resampler and the overlap monitor for a low-rank run; none for full-rank AdamW."""
+    """The resampler and the overlap monitor for a low-rank run (per-layer updates instead, when asked: they
+    refresh inside backward); none for full-rank AdamW."""
     if run.optimizer.name != "lowrank":
         return []
+    if run.trainer.per_layer_updates:
+        return [PerLayerUpdates(clip_norm=run.trainer.per_layer_clip_norm)]
     sub = run.subspace
     resampler = SubspaceResampler(stagger=sub.stagger, switch_at=sub.switch_at, switch_to=sub.switch_to)
     monitor = SubspaceOverlapMonitor(

@@ -116,3 +116,13 @@ def test_8bit_checkpoint_resumes_with_another_state_precision(tmp_path, resumed_
     assert dtypes == ({torch.float32} if resumed_as == "fp32" else {torch.bfloat16})
     # Converted, not cast: torch's AdamW would have cast the uint8 codes to floats and kept their block scales.
     assert not any(k.endswith("_absmax") for e in final.values() for k in e)
+
+
+def test_per_layer_updates_run_through_the_recipe(tmp_path):
+    recorder = _Recorder()
+    overrides = [*TINY, "trainer.max_steps=6", "trainer.per_layer_updates=true", "trainer.per_layer_clip_norm=1.0",
+                 f"out_dir={tmp_path}"]
+    run, resolved = load_run_config("default", overrides)
+    fit(run, resolved, callbacks=[recorder])
+    losses = [recorder.losses[s] for s in sorted(recorder.losses)]
+    assert len(losses) == 6 and losses[-1] < losses[0]
