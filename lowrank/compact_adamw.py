@@ -41,7 +41,7 @@ from lowrank.moment_storage import (
 from lowrank.quantization import rows_view_shape
 
 STORAGE_KEYS: tuple[str, ...] = ("state_precision", "min_8bit_size", "block_size")  # group keys kept on load
-CPU_CHUNK_SIZE = 1 << 18  # 1 MiB of float32 per temporary: stays in a CPU's cache
+CPU_CHUNK_SIZE = 1 << 20  # 4 MiB of float32 per temporary: fewer Python-level chunk iterations (measured fastest)
 DEVICE_CHUNK_SIZE = 1 << 26  # accelerators: whole tensors up to 64M elements (fewer kernel launches)
 
 
