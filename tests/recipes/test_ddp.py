@@ -1,4 +1,6 @@
-"""Two-process DDP runs (gloo, forked) through a real Trainer: global batches and stream resume.
+"""Two-process DDP runs (gloo) through a real Trainer: global batches and stream resume.
+
+The ranks are spawned, not forked: forking the pytest process after it ran torch threads can deadlock a child.
 
 * The global batch of every optimizer step with 2 ranks x accumulation 1 equals the one with
   1 process x accumulation 2 (map-style data).
@@ -48,7 +50,7 @@ def run(config: DataConfig, out: Path, tag: str, devices: int, accumulate: int, 
     module = RankRecorder(dm.tokenizer.vocab_size, out, tag)
     callbacks = [ModelCheckpoint(dirpath=out / tag, every_n_train_steps=every, save_top_k=-1)] if every else []
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
+        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",  # spawn: a fork after torch threads can deadlock
         max_steps=max_steps, accumulate_grad_batches=accumulate, use_distributed_sampler=False,
         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=bool(every),
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=out,
