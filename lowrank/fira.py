@@ -16,6 +16,8 @@ orthogonal complement G - B B^T G (resp. G - G B B^T), as in the paper's equatio
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lowrank.projector import back_project
@@ -29,6 +31,7 @@ def fira_residual(
     side: str,
     prev_norm: torch.Tensor,
     gamma: float,
+    norm_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The limited residual S (m, n) and its norm (0-dim).
 
@@ -40,13 +43,15 @@ def fira_residual(
         side: ``left`` or ``right``.
         prev_norm: ||S_{t-1}|| (0-dim); 0 means "no previous residual": no limit on this step.
         gamma: growth limit, > 1 (Fira: 1.01).
+        norm_fn: ||S|| from the residual given; default ``Tensor.norm``. The FSDP2 path passes the local shard of
+            S and a function summing the squared norm over the shards (:func:`lowrank.dtensor.global_norm`).
     """
     dim = 1 if side == "right" else 0  # reduce over the projected dimension, keep the other one
     ratio = low_update.norm(dim=dim) / low_grad.norm(dim=dim)  # (m,) for right, (n,) for left
     ratio = torch.nan_to_num(ratio, nan=0.0, posinf=0.0)  # a zero row/column of R carries no scale
     residual = grad - back_project(low_grad, basis, side)  # (m, n)
     residual.mul_(ratio.unsqueeze(1) if side == "right" else ratio.unsqueeze(0))
-    norm = residual.norm().to(prev_norm.dtype)
+    norm = (residual.norm() if norm_fn is None else norm_fn(residual)).to(prev_norm.dtype)
     limit = gamma * prev_norm
     over = (prev_norm > 0) & (norm > limit)
     scale = torch.where(over, limit / norm, torch.ones_like(norm))

@@ -22,6 +22,14 @@ Per-layer updates (:mod:`lowrank.per_layer`) run the same update one parameter a
 (:meth:`LowRankOptimizer.step_parameter`, refreshing on the ``update_gap`` schedule); ``step`` then only advances the
 counters, the gradients being gone.
 
+FSDP2 (``fully_shard``): parameters that are row-sharded DTensors (``Shard(0)``) always project on the ``right``
+(``side='auto'`` means right for them, ``'left'`` is refused): projection and back-projection run on the local shard,
+the stand-in (and so the base's moments) is a DTensor sharded like the weight, the basis a ``Replicate()`` DTensor
+refreshed identically on every rank from the full gradient, gathered on refresh steps only (a collective: every rank
+must step or ``resample`` together). See :mod:`lowrank.dtensor`. ``torch.distributed.checkpoint``'s
+``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` work on this state (its loader's zero-gradient step
+creates placeholder bases and, with Fira, a zero ``fira_norm``, so that every entry is loaded).
+
 State is per parameter and tensor-only, so ``torch.load(weights_only=True)`` works: the base's entries (``step``,
 ``exp_avg``, ...) plus ``lowrank_basis`` (d, r) and, with Fira, ``fira_norm`` (0-dim). The step counter of a
 low-rank group is the group entry ``lowrank_step`` (an int).
@@ -40,6 +48,9 @@ import torch
 
 from lowrank.bases import BaseFactory, BaseSpec, resolve_base
 from lowrank.compact_adamw import STORAGE_KEYS
+from lowrank.dtensor import (
+    check_row_sharded, gather_full, global_norm, is_dtensor, like_rows, local, replicate_like, sharded_zeros_like_rows,
+)
 from lowrank.fira import fira_residual
 from lowrank.moments import MOMENT_POLICIES, apply_moment_policy
 from lowrank.projector import SIDES, add_back_projected_, orient, placeholder_basis, project, projected_shape, resolve_side
@@ -134,10 +145,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if group["rank"] is not None:
             group.setdefault("lowrank_step", 0)
             for param in group["params"]:
-                side = resolve_side(param.shape, group["side"])
+                side = _side(group, param)
                 shape = projected_shape(param.shape, side, group["rank"])
-                # Workspace the base steps on: zero before each step, the base's update of R after it.
-                self._stand_ins[param] = torch.zeros(shape, dtype=param.dtype, device=param.device)
+                # Workspace the base steps on: zero before each step, the base's update of R after it. For an FSDP2
+                # weight a DTensor (m, r) sharded like it, so that the base's moments are sharded too.
+                if is_dtensor(param):
+                    self._stand_ins[param] = sharded_zeros_like_rows(param, group["rank"])
+                else:
+                    self._stand_ins[param] = torch.zeros(shape, dtype=param.dtype, device=param.device)
         if self._base is not None:
             for base_group in self._base_groups([group]):
                 self._base.add_param_group(base_group)
@@ -174,6 +189,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     f"rank: {rank} is larger than parameter {name!r} allows (shape {tuple(param.shape)}); "
                     f"accepted: 1 .. {min(param.shape)}"
                 )
+            if is_dtensor(param):
+                check_row_sharded(param, name)
+                if group["side"] == "left":
+                    raise ValueError(
+                        f"side: 'left' is not supported for the DTensor (FSDP2) parameter {name!r}; accepted: right, "
+                        "auto (which means right for DTensors: row-sharded weights project locally on the right)"
+                    )
 
     def _base_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The base's view of ``groups``: stand-ins replace low-rank parameters, in the same order."""
@@ -260,18 +282,23 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if param.grad is None:
             return None
         state = self.state[param]
-        side = resolve_side(param.shape, group["side"])
+        side = _side(group, param)
         selector = self._selector(group, selector_name)
         generator = draw_generator(group["seed"], step, name)
-        new_basis = selector.select(orient(param.grad, side), group["rank"], generator)
+        # FSDP2: the full gradient, gathered on refresh steps only; every rank then draws the same basis.
+        new_basis = selector.select(orient(gather_full(param.grad), side), group["rank"], generator)
         old_basis = state.get("lowrank_basis")
         if new_basis is None:
             what = "the old basis is kept" if old_basis is not None else "a placeholder basis (first axes) is used"
             warnings.warn(f"lowrank: gradient of {name!r} is all zero or non-finite at step {step}: {what}", stacklevel=3)
             if old_basis is None:
-                state["lowrank_basis"] = placeholder_basis(param.shape, side, group["rank"], dtype=param.dtype, device=param.device)
+                device = local(param).device
+                placeholder = placeholder_basis(param.shape, side, group["rank"], dtype=param.dtype, device=device)
+                state["lowrank_basis"] = replicate_like(placeholder, param) if is_dtensor(param) else placeholder
             return None
-        new_basis = new_basis.to(dtype=param.dtype, device=param.device)
+        new_basis = new_basis.to(dtype=param.dtype, device=local(param).device)
+        if is_dtensor(param):
+            new_basis = replicate_like(new_basis, param)
         if old_basis is not None:
             base_state = self._base.state[self._stand_ins[param]]
             apply_moment_policy(
@@ -279,7 +306,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 self.spec.first_moment_keys, self.spec.second_moment_keys,
             )
         state["lowrank_basis"] = new_basis
-        return RefreshRecord(name, step, selector.name, side, old_basis, new_basis)
+        old_basis = None if old_basis is None else local(old_basis)  # records hold plain (replicated) tensors
+        return RefreshRecord(name, step, selector.name, side, old_basis, local(new_basis))
 
     # --------------------------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -336,9 +364,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if due or "lowrank_basis" not in self.state[param]:
             self._refresh(group, name, param, group["lowrank_step"], None)
         basis = self.state[param]["lowrank_basis"]
-        side = resolve_side(param.shape, group["side"])
+        side = _side(group, param)
         stand_in.zero_()
-        stand_in.grad = project(param.grad, basis, side)
+        if is_dtensor(param):  # R_i = G_i B, local to each row shard
+            stand_in.grad = like_rows(project(local(param.grad), local(basis), side), param, group["rank"])
+        else:
+            stand_in.grad = project(param.grad, basis, side)
         return group, param, stand_in, basis, side
 
     def _base_step_on(self, tensor: torch.Tensor) -> None:
@@ -358,20 +389,28 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self, group: dict[str, Any], param: torch.Tensor, stand_in: torch.Tensor, basis: torch.Tensor, side: str
     ) -> None:
         lr, weight_decay = group["lr"], group["weight_decay"]
+        # FSDP2: everything below is local to the row shard (the local views share the DTensors' storage), except
+        # Fira's norm, summed over the shards. For plain tensors local() is the tensor itself.
+        sharded = is_dtensor(param)
+        weight, low, basis = local(param), local(stand_in), local(basis)
         residual = None
-        if group["fira"] and lr > 0:
+        if group["fira"]:
             state = self.state[param]
             norm_dtype = torch.promote_types(param.dtype, torch.float32)
-            prev = state.get("fira_norm", torch.zeros((), dtype=norm_dtype, device=param.device))
-            psi = stand_in / -lr  # the base's update direction with lr removed
+            # Created even at lr 0 (0 = no previous residual), so that the state of DCP's loader step (zero gradients,
+            # lr 0) holds the entry and a checkpoint's fira_norm is loaded into it.
+            prev = state.setdefault("fira_norm", torch.zeros((), dtype=norm_dtype, device=weight.device))
+        if group["fira"] and lr > 0:
+            psi = low / -lr  # the base's update direction with lr removed
+            norm_fn = (lambda s: global_norm(s, param)) if sharded else None
             residual, state["fira_norm"] = fira_residual(
-                param.grad, stand_in.grad, psi, basis, side, prev, group["fira_gamma"]
+                local(param.grad), local(stand_in.grad), psi, basis, side, prev, group["fira_gamma"], norm_fn
             )
         if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
-        add_back_projected_(param, stand_in, basis, side, group["alpha"])
+            weight.mul_(1 - lr * weight_decay)
+        add_back_projected_(weight, low, basis, side, group["alpha"])
         if residual is not None:
-            param.add_(residual, alpha=-lr)
+            weight.add_(residual, alpha=-lr)
 
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -384,9 +423,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return {"state": merged, "param_groups": outer["param_groups"]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # As torch.optim does, state keys are matched to parameters by their order in the saved groups' "params"
+        # (integers here, parameter names in torch.distributed.checkpoint's FSDP2 loader).
+        position = {key: i for i, key in enumerate(k for g in state_dict["param_groups"] for k in g["params"])}
         own: dict[int, dict[str, torch.Tensor]] = {}
         base: dict[int, dict[str, Any]] = {}
-        for index, entry in state_dict["state"].items():
+        for key, entry in state_dict["state"].items():
+            index = position.get(key, key)
             own[index] = {k: v for k, v in entry.items() if k in _OWN_STATE_KEYS}
             base[index] = {k: v for k, v in entry.items() if k not in _OWN_STATE_KEYS}
         # Storage options of the base (state precision, ...) are this run's configuration, not the checkpoint's: a
@@ -409,6 +452,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for entry in self.state_dict()["state"].values():
             total += sum(v.numel() * v.element_size() for v in entry.values() if torch.is_tensor(v) and v.dim() > 0)
         return total
+
+
+def _side(group: dict[str, Any], param: torch.Tensor) -> str:
+    """The projection side of a low-rank parameter: the group's rule, but always ``right`` for a DTensor (FSDP2)."""
+    if is_dtensor(param):
+        return "right"
+    return resolve_side(param.shape, group["side"])
 
 
 def _locate(
