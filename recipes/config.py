@@ -24,7 +24,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRECISIONS: tuple[str, ...] = ("32-true", "32", "bf16-mixed", "bf16-true")
 # FSDP1 ("fsdp") hands the optimizer flattened 1-D views and DeepSpeed flattens parameters: no 2-D gradient to
 # project. Both are refused with an explanation.
-STRATEGIES: tuple[str, ...] = ("auto", "single_device", "ddp", "ddp_spawn")
+# "fsdp2" is Lightning's ModelParallelStrategy (data parallel only) with ``fully_shard`` on each decoder layer and
+# the root (``LlamaPretrainModule.configure_model``): row-sharded DTensor weights, projected on the right.
+STRATEGIES: tuple[str, ...] = ("auto", "single_device", "ddp", "ddp_spawn", "fsdp2")
 REFUSED_STRATEGIES: dict[str, str] = {
     "fsdp": "Lightning's FSDP1 strategy hands the optimizer flattened 1-D views of the weights, so there is no 2-D "
     "gradient to project",
@@ -85,7 +87,9 @@ class TrainerConfig:
         devices: devices per node (an int, or "auto").
         num_nodes: nodes.
         accelerator: "auto", "cpu", "gpu", ...
-        strategy: auto | single_device | ddp | ddp_spawn.
+        strategy: auto | single_device | ddp | ddp_spawn | fsdp2 (Lightning's ModelParallelStrategy with
+            ``fully_shard`` per decoder layer and on the root; needs optimizer.lowrank.side right or auto, fp32
+            optimizer states and no per-layer updates; checkpoints are sharded directories).
         precision: 32-true | bf16-mixed (autocast, fp32 weights: the safe choice) | bf16-true (pure bf16 weights, as
             the reference runs).
         gradient_clip_val: global-norm clipping; None = off (reference: off below 7B, 1.0 at 7B).
@@ -196,6 +200,8 @@ def load_run_config(config: str, overrides: list[str] | tuple[str, ...] = ()) ->
     if run.optimizer.lowrank.seed is None:
         run.optimizer.lowrank.seed = run.seed
     validate_run(run)
+    if run.trainer.strategy == "fsdp2":
+        run.optimizer.lowrank.side = "right"  # what auto means for DTensors; explicit in the resolved config
     return run, _plain(dataclasses.asdict(run))
 
 
@@ -214,7 +220,8 @@ def validate_run(run: RunConfig) -> None:
     problems = []
     if d.seq_len > run.model.max_seq_len:
         problems.append(f"data.seq_len: {d.seq_len} exceeds model.max_seq_len = {run.model.max_seq_len}; accepted: 1 .. {run.model.max_seq_len}")
-    if t.strategy in REFUSED_STRATEGIES or t.strategy.startswith("deepspeed") or t.strategy.startswith("fsdp"):
+    if t.strategy in REFUSED_STRATEGIES or t.strategy.startswith("deepspeed") or (
+            t.strategy.startswith("fsdp") and t.strategy not in STRATEGIES):
         why = REFUSED_STRATEGIES.get(t.strategy, REFUSED_STRATEGIES["deepspeed" if "deepspeed" in t.strategy else "fsdp"])
         problems.append(f"trainer.strategy: {t.strategy!r} is not supported: {why}; accepted: {' | '.join(STRATEGIES)} (ddp for several devices)")
     elif t.strategy not in STRATEGIES:
@@ -233,6 +240,13 @@ def validate_run(run: RunConfig) -> None:
         )
     if t.per_layer_updates and run.optimizer.name != "lowrank":
         problems.append("trainer.per_layer_updates: needs optimizer.name=lowrank; accepted with adamw: false")
+    if t.strategy == "fsdp2":
+        if t.per_layer_updates:
+            problems.append("trainer.per_layer_updates: not supported with trainer.strategy=fsdp2 (FSDP2 reduce-scatters "
+                            "the gradients after backward); accepted with fsdp2: false")
+        if run.optimizer.lowrank.side == "left":
+            problems.append("optimizer.lowrank.side: 'left' is not supported with trainer.strategy=fsdp2 (row-sharded "
+                            "weights project locally on the right); accepted with fsdp2: right | auto")
     for key in ("warmup_fraction", "min_lr_ratio"):
         if not 0 <= getattr(run.schedule, key) <= 1:
             problems.append(f"schedule.{key}: invalid value {getattr(run.schedule, key)!r}; accepted: a number in [0, 1]")
@@ -243,7 +257,7 @@ def validate_run(run: RunConfig) -> None:
         missing = [f for f in getattr(d, key) or [] if not Path(f).exists()]
         if missing:
             problems.append(f"data.{key}: missing file(s) {missing}")
-    if run.resume not in ("auto", "never") and not Path(run.resume).is_file():
+    if run.resume not in ("auto", "never") and not Path(run.resume).exists():  # a file, or a sharded (fsdp2) directory
         problems.append(f"resume: checkpoint {run.resume!r} does not exist; accepted: auto | never | a checkpoint path")
     if not problems:
         problems += _optimizer_problems(run) + _subspace_problems(run)

@@ -49,6 +49,19 @@ class LlamaPretrainModule(pl.LightningModule):
         self.val_ppl = Perplexity()
         self.group_table: str | None = None
 
+    def configure_model(self) -> None:
+        """FSDP2 (``trainer.strategy=fsdp2``, Lightning's ModelParallelStrategy): ``fully_shard`` each decoder layer,
+        then the root, over the data-parallel mesh; the weights become row-sharded DTensors. A no-op otherwise."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh["data_parallel"]
+        for layer in self.model.layers:
+            fully_shard(layer, mesh=dp_mesh)
+        fully_shard(self.model, mesh=dp_mesh)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, V)
         return self.model(input_ids)
 

@@ -6,7 +6,7 @@
 
 ``--config`` takes a path or a bare name under configs/; every other argument is a ``key=value`` override. The
 resolved config is printed and saved in ``out_dir``; TensorBoard logs go to ``out_dir/tensorboard`` and checkpoints
-to ``out_dir/checkpoints`` (``resume=auto`` continues from ``last.ckpt`` there). Configuration errors are reported
+to ``out_dir/checkpoints`` (``resume=auto`` continues from ``last.ckpt`` there, a directory under fsdp2). Configuration errors are reported
 in one paragraph before anything is written.
 """
 
@@ -36,7 +36,7 @@ def resume_path(run: RunConfig) -> str | None:
     if run.resume != "auto":
         return run.resume
     last = Path(run.out_dir) / "checkpoints" / "last.ckpt"
-    return str(last) if last.is_file() else None
+    return str(last) if last.is_file() or last.is_dir() else None  # a directory: FSDP2's sharded checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

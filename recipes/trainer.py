@@ -56,6 +56,18 @@ def subspace_callbacks(run: RunConfig) -> list[pl.Callback]:
     return [resampler, monitor]
 
 
+def strategy(run: RunConfig) -> str | pl.strategies.Strategy:
+    """Lightning's strategy for ``trainer.strategy``: ``fsdp2`` is ModelParallelStrategy, data parallel only, with
+    sharded (directory) checkpoints; the module applies ``fully_shard`` in ``configure_model``."""
+    t = run.trainer
+    if t.strategy == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=world_devices(run) * t.num_nodes, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=True)
+    return t.strategy
+
+
 def build_trainer(run: RunConfig, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
     t = run.trainer
     out = Path(run.out_dir)
@@ -71,7 +83,7 @@ def build_trainer(run: RunConfig, callbacks: list[pl.Callback] | None = None) ->
         devices=t.devices,
         num_nodes=t.num_nodes,
         accelerator=t.accelerator,
-        strategy=t.strategy,
+        strategy=strategy(run),
         precision=t.precision,
         gradient_clip_val=t.gradient_clip_val,
         val_check_interval=t.val_every_n_steps * accumulate,  # counted in micro-batches

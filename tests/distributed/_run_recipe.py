@@ -10,7 +10,8 @@ re-executes this same script with the same argv for the other ranks, so every ra
   accumulation count, so their sum over a step is the per-rank mean; ``trainer.strategy.reduce`` then averages
   over ranks). A resumed run writes only the steps it ran.
 * ``out_dir/record/rank{r}.pt`` at the end of training: this rank's ``lowrank_basis`` tensors (by parameter name),
-  its model ``state_dict`` and ``global_step``.
+  its model ``state_dict`` and ``global_step``, plus ``local_shapes``: the local shard shape of every DTensor
+  parameter (FSDP2; empty otherwise). DTensors (FSDP2 weights, bases) are recorded as full tensors.
 
 ``--stop-at N`` sets ``trainer.should_stop`` once N optimizer steps are done (a "kill" that still writes the
 checkpoints of the steps run so far); ``--record DIR`` writes the records to ``out_dir/DIR`` instead of
@@ -29,9 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 from recipes.config import load_run_config  # noqa: E402
 from recipes.trainer import fit  # noqa: E402
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain copy of a tensor; a DTensor is gathered first (a collective: every rank calls it in the same order)."""
+    tensor = tensor.detach()
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).clone()
 
 
 class RecordRun(pl.Callback):
@@ -66,9 +74,11 @@ class RecordRun(pl.Callback):
         rank = trainer.global_rank
         names = {id(p): n for n, p in pl_module.named_parameters()}
         state = trainer.optimizers[0].state
-        bases = {names[id(p)]: s["lowrank_basis"].clone() for p, s in state.items() if "lowrank_basis" in s}
-        weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        torch.save({"bases": bases, "weights": weights, "global_step": trainer.global_step}, record / f"rank{rank}.pt")
+        bases = {names[id(p)]: _full(s["lowrank_basis"]) for p, s in state.items() if "lowrank_basis" in s}
+        weights = {k: _full(v) for k, v in pl_module.state_dict().items()}
+        local_shapes = {n: list(p.to_local().shape) for n, p in pl_module.named_parameters() if isinstance(p, DTensor)}
+        torch.save({"bases": bases, "weights": weights, "global_step": trainer.global_step,
+                    "local_shapes": local_shapes}, record / f"rank{rank}.pt")
         (record / f"losses-rank{rank}.json").write_text(json.dumps(self.losses))
 
 

@@ -74,6 +74,8 @@ def test_bare_name_with_suffix_and_overrides():
         (["optimizer.lowrank.rank=999"], ["optimizer.lowrank.rank", "q_proj.weight", "1 .. 128"]),
         (["trainer.strategy=fsdp"], ["trainer.strategy", "FSDP1", "ddp"]),
         (["trainer.strategy=deepspeed_stage_2"], ["trainer.strategy", "DeepSpeed", "ddp"]),
+        (["trainer.strategy=fsdp2", "optimizer.lowrank.side=left"], ["optimizer.lowrank.side", "fsdp2", "right | auto"]),
+        (["trainer.strategy=fsdp2", "trainer.per_layer_updates=true"], ["trainer.per_layer_updates", "fsdp2"]),
         (["trainer.precision=fp8"], ["trainer.precision", "bf16-mixed"]),
         (["data.source=files", "data.train_files=[/nonexistent.jsonl]"], ["data.train_files", "/nonexistent.jsonl"]),
         (["optimizer.lowrank.selector=top"], ["optimizer.lowrank.selector", "importance"]),
@@ -86,6 +88,13 @@ def test_bad_overrides_raise_config_errors(overrides, needles):
         load_run_config("default", overrides)
     for needle in needles:
         assert needle in str(info.value), (needle, str(info.value))
+
+
+@pytest.mark.parametrize("side", ["auto", "right"])
+def test_fsdp2_is_accepted_and_projects_on_the_right(side):
+    run, resolved = load_run_config("default", ["trainer.strategy=fsdp2", f"optimizer.lowrank.side={side}"])
+    assert run.trainer.strategy == "fsdp2" and run.optimizer.lowrank.side == "right"
+    assert resolved["optimizer"]["lowrank"]["side"] == "right"
 
 
 def test_bad_files(tmp_path):
