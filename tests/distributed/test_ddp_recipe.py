@@ -20,20 +20,12 @@ All runs start at once in one module fixture (the processes mostly import and wa
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from recipes.config import load_run_config
-from recipes.data.datamodule import PretrainDataModule
-from recipes.trainer import fit
-
-from ._run_recipe import RecordRun
+from .launch import STEPS, STOP_AT, _max_diff, _record, run_matrix
 
 pytestmark = [
     pytest.mark.multiprocess,
@@ -42,93 +34,14 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
     pytest.mark.filterwarnings("ignore:When using the `ThroughputMonitor`, you need to define a `flops_per_batch`"),
 ]
-# A launcher's variables in this process's environment (torchrun, SLURM) would make Lightning join that job instead
-# of starting its own 2 processes: the subprocesses get an environment without them.
-_LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
-                       "LOCAL_WORLD_SIZE", "STANDALONE_PORT")
-
-SCRIPT = Path(__file__).resolve().parent / "_run_recipe.py"
-ROOT = SCRIPT.parents[2]
-STEPS, STOP_AT = 12, 6
-TINY = [
-    "model.vocab_size=384", "model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=2",
-    "model.num_layers=2", "model.max_seq_len=32", "data.vocab_size=384", "data.seq_len=32", "data.max_documents=20",
-    "data.micro_batch_size=4", "data.val_sequences=8", "trainer.global_batch_size=8", "optimizer.lowrank.rank=8",
-    "optimizer.lowrank.update_gap=4", "trainer.val_every_n_steps=100", "trainer.log_every_n_steps=1",
-    f"trainer.max_steps={STEPS}", "trainer.checkpoint_every_n_steps=3", "trainer.accelerator=cpu",
-]
 DDP = ["trainer.devices=2", "trainer.strategy=ddp"]
 SELECTORS = ("dominant", "importance")
 
 
-def _overrides(cache: Path, out: Path, selector: str, *extra: str) -> list[str]:
-    return [*TINY, f"optimizer.lowrank.selector={selector}", f"data.cache_dir={cache}", f"out_dir={out}", *extra]
-
-
-def _launch(args: list[str], log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
-    handle = log.open("w")
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, stdout=handle,
-                            stderr=subprocess.STDOUT)
-    handle.close()
-    return proc, log
-
-
-def _wait(proc: subprocess.Popen, log: Path) -> None:
-    try:
-        code = proc.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        code = proc.wait()
-    assert code == 0, f"{' '.join(map(str, proc.args))} exited with {code}:\n{log.read_text()[-4000:]}"
-
-
-def _record(out: Path, rank: int, folder: str = "record") -> tuple[dict[int, float], dict]:
-    losses = {int(k): v for k, v in json.loads((out / folder / f"losses-rank{rank}.json").read_text()).items()}
-    return losses, torch.load(out / folder / f"rank{rank}.pt", weights_only=True)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Runs everything once: per selector a 1-process and a 2-rank run, plus the stopped and resumed 2-rank run
-    (importance selector). Returns the root folder: <selector>-1, <selector>-2, split."""
-    root = tmp_path_factory.mktemp("ddp-recipe")
-    cache = root / "cache"
-    clean = {k: v for k, v in os.environ.items()
-             if k not in _LAUNCHER_VARIABLES and not k.startswith(("SLURM_", "TORCHELASTIC_"))}
-    env = {**clean, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "LOWRANK_RECIPES_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "LOWRANK_RECIPES_CACHE"):
-            mp.setenv(key, env[key])
-        # Train and cache the tokenizer once, before the processes that read it start.
-        run, _ = load_run_config("default", _overrides(cache, root / "unused", "dominant"))
-        PretrainDataModule(run.data).prepare_data()
-        launched = [_launch([*_overrides(cache, root / f"{s}-2", s), *DDP], root / f"{s}-2.log", env)
-                    for s in SELECTORS]
-        first = _launch(["--stop-at", str(STOP_AT), "--record", "first",
-                         *_overrides(cache, root / "split", "importance"), *DDP], root / "split-first.log", env)
-        try:
-            for selector in SELECTORS:  # the references, in this process, while the ranks run
-                run, resolved = load_run_config("default", _overrides(cache, root / f"{selector}-1", selector))
-                fit(run, resolved, callbacks=[RecordRun(root / f"{selector}-1" / "record")])
-            _wait(*first)
-            second = _launch(["--record", "second", *_overrides(cache, root / "split", "importance", "resume=auto"),
-                              *DDP], root / "split-second.log", env)
-            for proc in [*launched, second]:
-                _wait(*proc)
-        finally:
-            torch.set_num_threads(threads)
-            for proc, _ in [*launched, first]:
-                if proc.poll() is None:
-                    proc.kill()
-    return root
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    """Per selector a 1-process and a 2-rank run, plus the stopped and resumed 2-rank run (importance)."""
+    return run_matrix(tmp_path_factory, "ddp-recipe", DDP, SELECTORS)
 
 
 @pytest.mark.parametrize("selector", SELECTORS)

@@ -18,18 +18,12 @@ what fsdp2 forces) runs in this process. Global batch 8, micro-batch 4; ``update
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from recipes.config import load_run_config
-from recipes.data.datamodule import PretrainDataModule
-from recipes.trainer import fit
-
-from ._run_recipe import RecordRun
-from .test_ddp_recipe import _LAUNCHER_VARIABLES, ROOT, STEPS, STOP_AT, _launch, _max_diff, _overrides, _record, _wait
+from .launch import STEPS, STOP_AT, _max_diff, _record, run_matrix
 
 pytestmark = [
     pytest.mark.multiprocess,
@@ -46,40 +40,9 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Per selector a 1-process and a 2-rank FSDP2 run, plus the stopped and resumed FSDP2 run (importance)."""
-    root = tmp_path_factory.mktemp("fsdp2-recipe")
-    cache = root / "cache"
-    clean = {k: v for k, v in os.environ.items()
-             if k not in _LAUNCHER_VARIABLES and not k.startswith(("SLURM_", "TORCHELASTIC_"))}
-    env = {**clean, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "LOWRANK_RECIPES_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "LOWRANK_RECIPES_CACHE"):
-            mp.setenv(key, env[key])
-        run, _ = load_run_config("default", _overrides(cache, root / "unused", "dominant"))
-        PretrainDataModule(run.data).prepare_data()
-        launched = [_launch([*_overrides(cache, root / f"{s}-2", s), *FSDP2], root / f"{s}-2.log", env)
-                    for s in SELECTORS]
-        first = _launch(["--stop-at", str(STOP_AT), "--record", "first",
-                         *_overrides(cache, root / "split", "importance"), *FSDP2], root / "split-first.log", env)
-        try:
-            for selector in SELECTORS:  # the references, in this process, while the ranks run
-                run, resolved = load_run_config(
-                    "default", _overrides(cache, root / f"{selector}-1", selector, "optimizer.lowrank.side=right"))
-                fit(run, resolved, callbacks=[RecordRun(root / f"{selector}-1" / "record")])
-            _wait(*first)
-            second = _launch(["--record", "second", *_overrides(cache, root / "split", "importance", "resume=auto"),
-                              *FSDP2], root / "split-second.log", env)
-            for proc in [*launched, second]:
-                _wait(*proc)
-        finally:
-            torch.set_num_threads(threads)
-            for proc, _ in [*launched, first]:
-                if proc.poll() is None:
-                    proc.kill()
-    return root
+    """Per selector a 1-process and a 2-rank FSDP2 run, plus the stopped and resumed FSDP2 run (importance). The
+    1-process references project on the right, as fsdp2 does."""
+    return run_matrix(tmp_path_factory, "fsdp2-recipe", FSDP2, SELECTORS, reference=("optimizer.lowrank.side=right",))
 
 
 @pytest.mark.parametrize("selector", SELECTORS)
