@@ -19,6 +19,15 @@ from recipes.trainer import fit
 
 from ._run_recipe import RecordRun
 
+# Marks of every module that uses run_matrix: multi-process, and the known third-party warnings of a recipe run.
+RUN_MARKS = [
+    pytest.mark.multiprocess,
+    pytest.mark.filterwarnings("ignore:'set_vital' is deprecated"),
+    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
+    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
+    pytest.mark.filterwarnings("ignore:When using the `ThroughputMonitor`, you need to define a `flops_per_batch`"),
+]
+
 # A launcher's variables in this process's environment (torchrun, SLURM) would make Lightning join that job instead
 # of starting its own 2 processes: the subprocesses get an environment without them.
 _LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK",

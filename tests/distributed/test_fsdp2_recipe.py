@@ -23,15 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from .launch import STEPS, STOP_AT, _max_diff, _record, run_matrix
+from .launch import RUN_MARKS, STEPS, STOP_AT, _max_diff, _record, run_matrix
 
-pytestmark = [
-    pytest.mark.multiprocess,
-    pytest.mark.filterwarnings("ignore:'set_vital' is deprecated"),
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
-    pytest.mark.filterwarnings("ignore:When using the `ThroughputMonitor`, you need to define a `flops_per_batch`"),
-]
+pytestmark = RUN_MARKS
 
 FSDP2 = ["trainer.devices=2", "trainer.strategy=fsdp2"]
 SELECTORS = ("importance", "dominant")
