@@ -87,6 +87,10 @@ class SubspaceResampler(Callback):
         selector: subspace rule before the switch; None (default) uses the groups' ``selector``.
         switch_at: fraction of ``trainer.max_steps`` in [0, 1] at which ``switch_to`` replaces the rule; None: never.
         switch_to: rule used from ``switch_at`` on (a name from ``lowrank.SELECTORS``); needs ``switch_at``.
+        split_across_ranks: under DDP, each rank computes a round-robin share of a refresh's bases and broadcasts
+            them (``LowRankOptimizer.resample(split_across_ranks=True)``, :mod:`lowrank.split_refresh`): about
+            1/world of the SVDs per rank, one broadcast per basis. Off (default): every rank computes every basis, no
+            communication. Not for FSDP2 (DTensor) parameters.
 
     Raises:
         ValueError: for an invalid argument (the message names it and the accepted values).
@@ -107,6 +111,7 @@ class SubspaceResampler(Callback):
         selector: str | None = None,
         switch_at: float | None = None,
         switch_to: str | None = None,
+        split_across_ranks: bool = False,
     ) -> None:
         if update_gap is not None and not _is_int(update_gap, 1):
             raise ValueError(f"update_gap: invalid value {update_gap!r}; accepted: an integer >= 1, or None for the "
@@ -124,11 +129,14 @@ class SubspaceResampler(Callback):
             raise ValueError(
                 f"switch_at: invalid value {switch_at!r}; accepted: a fraction of trainer.max_steps in [0, 1]"
             )
+        if not isinstance(split_across_ranks, bool):
+            raise ValueError(f"split_across_ranks: invalid value {split_across_ranks!r}; accepted: true | false")
         self.update_gap = update_gap
         self.stagger = stagger
         self.selector = selector
         self.switch_at = None if switch_at is None else float(switch_at)
         self.switch_to = switch_to
+        self.split_across_ranks = split_across_ranks
         self.switch_step: int | None = None
         self.num_refreshes = 0
         self.last_refresh_step: int | None = None
@@ -207,7 +215,8 @@ class SubspaceResampler(Callback):
         ordered = [e.name for e in self._entries if e.name in names]
         self._synchronize(pl_module)
         start = time.perf_counter()
-        records = lowrank.resample(step=step, params=ordered, selector=selector)
+        records = lowrank.resample(step=step, params=ordered, selector=selector,
+                                   split_across_ranks=self.split_across_ranks)
         self._synchronize(pl_module)
         seconds = time.perf_counter() - start
         self._last_records = [dataclasses.replace(record, old_basis=None) for record in records]

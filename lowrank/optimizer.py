@@ -27,8 +27,9 @@ FSDP2 (``fully_shard``): parameters that are row-sharded DTensors (``Shard(0)``)
 the stand-in (and so the base's moments) is a DTensor sharded like the weight, the basis a ``Replicate()`` DTensor
 refreshed identically on every rank from the full gradient, gathered on refresh steps only (a collective: every rank
 must step or ``resample`` together). See :mod:`lowrank.dtensor`. ``torch.distributed.checkpoint``'s
-``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` work on this state (its loader's zero-gradient step
-creates placeholder bases and, with Fira, a zero ``fira_norm``, so that every entry is loaded).
+``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` work on this state, sharded or with
+``full_state_dict=True`` (whole tensors gathered on rank 0, then ``broadcast_from_rank0``); their loader's
+zero-gradient step creates placeholder bases and, with Fira, a zero ``fira_norm``, so that every entry is loaded.
 
 State is per parameter and tensor-only, so ``torch.load(weights_only=True)`` works: the base's entries (``step``,
 ``exp_avg``, ...) plus ``lowrank_basis`` (d, r) and, with Fira, ``fira_norm`` (0-dim). The step counter of a
@@ -40,6 +41,7 @@ This file is longer than the project's ~300-line guideline on purpose: the ordin
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -57,6 +59,7 @@ from lowrank.projector import SIDES, add_back_projected_, orient, placeholder_ba
 from lowrank.randomness import draw_generator
 from lowrank.records import RefreshRecord
 from lowrank.selectors import SELECTORS, SubspaceSelector, make_selector
+from lowrank.split_refresh import SplitJob, run_split, world
 
 # Hyperparameters of low-rank groups, with their defaults. A group whose ``rank`` is None is a plain group.
 LOWRANK_DEFAULTS: dict[str, Any] = {
@@ -246,6 +249,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         step: int | None = None,
         params: Iterable[torch.Tensor | str] | None = None,
         selector: str | None = None,
+        split_across_ranks: bool = False,
     ) -> list[RefreshRecord]:
         """Refreshes the bases of low-rank parameters from their current gradients.
 
@@ -254,6 +258,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 ``lowrank_step``, the number of steps taken so far.
             params: parameters (tensors or names) to refresh; default all low-rank parameters with a gradient.
             selector: a rule name overriding the groups' ``selector`` for this refresh (e.g. GoLore's switch).
+            split_across_ranks: DDP (plain tensors, identical gradients on every rank of the default process
+                group): each rank computes a round-robin share of the new bases and broadcasts them
+                (:mod:`lowrank.split_refresh`); a collective, so every rank must call it with the same arguments. No
+                effect without an initialised process group of several ranks; refused for DTensor (FSDP2) parameters,
+                whose bases every rank computes from the gathered gradient.
 
         Returns:
             One record per refreshed parameter (old and new basis, overlap). Parameters without a gradient, or with
@@ -267,36 +276,67 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if selector is not None:
             _check(selector in SELECTORS, "selector", selector, ", ".join(sorted(SELECTORS)))
         wanted = None if params is None else {p if isinstance(p, str) else id(p) for p in params}
-        records = []
-        for group, name, param in self._lowrank_params():
-            if wanted is not None and name not in wanted and id(param) not in wanted:
-                continue
-            record = self._refresh(group, name, param, group["lowrank_step"] if step is None else step, selector)
-            if record is not None:
-                records.append(record)
-        return records
+        todo = [(group, name, param, group["lowrank_step"] if step is None else step)
+                for group, name, param in self._lowrank_params()
+                if wanted is None or name in wanted or id(param) in wanted]
+        if split_across_ranks and world()[1] > 1:
+            return self._resample_split([entry for entry in todo if entry[2].grad is not None], selector)
+        records = [self._refresh(group, name, param, at, selector) for group, name, param, at in todo]
+        return [record for record in records if record is not None]
+
+    def _resample_split(
+        self, todo: list[tuple[dict[str, Any], str, torch.Tensor, int]], selector_name: str | None
+    ) -> list[RefreshRecord]:
+        """``resample(split_across_ranks=True)`` on several ranks: the selections run in ``run_split``, then every
+        rank installs every basis (moment policy, state, record) as an unsplit refresh does."""
+        jobs = []
+        for group, name, param, step in todo:
+            if is_dtensor(param):
+                raise ValueError(f"split_across_ranks: parameter {name!r} is a DTensor (FSDP2), whose basis every rank "
+                                 "computes from the gathered gradient; accepted with DTensors: False")
+            grad, side, selector = param.grad, _side(group, param), self._selector(group, selector_name)
+            oriented = orient(grad, side)
+            generator = draw_generator(group["seed"], step, name)
+            select = functools.partial(selector.select, oriented, group["rank"], generator)
+            dtype = torch.promote_types(grad.dtype, torch.float32)  # holds the selector's fp32 (or wider) output
+            jobs.append(SplitJob(select, (oriented.shape[0], group["rank"]), grad.device, dtype))
+        bases = run_split(jobs)
+        records = [self._install(group, name, param, step, self._selector(group, selector_name).name, basis)
+                   for (group, name, param, step), basis in zip(todo, bases)]
+        return [record for record in records if record is not None]
 
     def _refresh(
         self, group: dict[str, Any], name: str, param: torch.Tensor, step: int, selector_name: str | None
     ) -> RefreshRecord | None:
         if param.grad is None:
             return None
-        state = self.state[param]
         side = _side(group, param)
         selector = self._selector(group, selector_name)
         generator = draw_generator(group["seed"], step, name)
         # FSDP2: the full gradient, gathered on refresh steps only; every rank then draws the same basis.
         new_basis = selector.select(orient(gather_full(param.grad), side), group["rank"], generator)
+        return self._install(group, name, param, step, selector.name, new_basis)
+
+    def _install(
+        self, group: dict[str, Any], name: str, param: torch.Tensor, step: int, selector_name: str,
+        new_basis: torch.Tensor | None,
+    ) -> RefreshRecord | None:
+        """Makes ``new_basis`` (None: no refresh, keep the old basis or create a placeholder) the parameter's basis,
+        applying the moment policy; the refresh's record, or None when nothing was refreshed."""
+        state = self.state[param]
+        side = _side(group, param)
         old_basis = state.get("lowrank_basis")
         if new_basis is None:
             what = "the old basis is kept" if old_basis is not None else "a placeholder basis (first axes) is used"
-            warnings.warn(f"lowrank: gradient of {name!r} is all zero or non-finite at step {step}: {what}", stacklevel=3)
+            warnings.warn(f"lowrank: gradient of {name!r} is all zero or non-finite at step {step}: {what}", stacklevel=4)
             if old_basis is None:
                 device = local(param).device
                 placeholder = placeholder_basis(param.shape, side, group["rank"], dtype=param.dtype, device=device)
                 state["lowrank_basis"] = replicate_like(placeholder, param) if is_dtensor(param) else placeholder
             return None
-        new_basis = new_basis.to(dtype=param.dtype, device=local(param).device)
+        # contiguous: a selector may return a strided view of the SVD output, and matmuls reading the two layouts
+        # can differ in the last bit; one layout keeps split, unsplit and resumed refreshes bitwise alike
+        new_basis = new_basis.to(dtype=param.dtype, device=local(param).device).contiguous()
         if is_dtensor(param):
             new_basis = replicate_like(new_basis, param)
         if old_basis is not None:
@@ -307,7 +347,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             )
         state["lowrank_basis"] = new_basis
         old_basis = None if old_basis is None else local(old_basis)  # records hold plain (replicated) tensors
-        return RefreshRecord(name, step, selector.name, side, old_basis, local(new_basis))
+        return RefreshRecord(name, step, selector_name, side, old_basis, local(new_basis))
 
     # --------------------------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -323,7 +363,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if param.grad is None:
                 self._stand_ins[param].grad = None
                 continue
-            active.append(self._project_grad(group, name, param))
+            active.append(self._project_grad(group, name, param, zero=False))
+        # The base's update lands in zeroed stand-ins: one foreach call zeroes them all (one zero_ per weight cost a
+        # GPU step of the 60m shapes about 10%: bench/optimizer_step.py).
+        if active:
+            torch._foreach_zero_([local(entry[2]) for entry in active])
         self._base.step()
         for entry in active:
             self._apply_update(*entry)
@@ -356,16 +400,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
         entry[2].grad = None
 
     def _project_grad(
-        self, group: dict[str, Any], name: str, param: torch.Tensor
+        self, group: dict[str, Any], name: str, param: torch.Tensor, zero: bool = True
     ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor, str]:
-        """Refreshes the basis when due, then sets the stand-in to zero with the projected gradient as its grad."""
+        """Refreshes the basis when due, then sets the projected gradient as the stand-in's grad and, with ``zero``,
+        the stand-in to zero (``step`` zeroes all stand-ins at once instead)."""
         stand_in = self._stand_ins[param]
         due = self.auto_refresh and group["lowrank_step"] % group["update_gap"] == 0
         if due or "lowrank_basis" not in self.state[param]:
             self._refresh(group, name, param, group["lowrank_step"], None)
         basis = self.state[param]["lowrank_basis"]
         side = _side(group, param)
-        stand_in.zero_()
+        if zero:
+            stand_in.zero_()
         if is_dtensor(param):  # R_i = G_i B, local to each row shard
             stand_in.grad = like_rows(project(local(param.grad), local(basis), side), param, group["rank"])
         else:
