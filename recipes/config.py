@@ -27,6 +27,10 @@ PRECISIONS: tuple[str, ...] = ("32-true", "32", "bf16-mixed", "bf16-true")
 # "fsdp2" is Lightning's ModelParallelStrategy (data parallel only) with ``fully_shard`` on each decoder layer and
 # the root (``LlamaPretrainModule.configure_model``): row-sharded DTensor weights, projected on the right.
 STRATEGIES: tuple[str, ...] = ("auto", "single_device", "ddp", "ddp_spawn", "fsdp2")
+# "sharded": one file per rank in a ``last.ckpt/`` directory (torch.distributed.checkpoint), fsdp2 only; "full": one
+# ``torch.load``-able file, gathered on rank 0 (the only format of the other strategies); "auto": sharded under fsdp2,
+# full otherwise (resolved to one of the two by ``load_run_config``).
+CHECKPOINT_FORMATS: tuple[str, ...] = ("auto", "sharded", "full")
 REFUSED_STRATEGIES: dict[str, str] = {
     "fsdp": "Lightning's FSDP1 strategy hands the optimizer flattened 1-D views of the weights, so there is no 2-D "
     "gradient to project",
@@ -65,6 +69,10 @@ class SubspaceConfig:
         image_interval: refreshes between two overlap heatmaps in TensorBoard; None = none.
         frozen_threshold: normalised overlap above which a refresh counts as "frozen".
         frozen_patience: consecutive frozen refreshes before the warning.
+        split_across_ranks: with several DDP ranks, each rank computes a round-robin share of a refresh's SVDs and
+            broadcasts the bases (about 1/world of the SVD time per rank, one broadcast per basis; equal to the
+            unsplit run to fp32 tolerance). Off: every rank computes every basis, no communication. Not with
+            trainer.strategy=fsdp2 (every rank computes from the gathered gradient) or per-layer updates.
     """
 
     stagger: int = 1
@@ -74,6 +82,7 @@ class SubspaceConfig:
     image_interval: int | None = 10
     frozen_threshold: float = 0.9
     frozen_patience: int = 3
+    split_across_ranks: bool = False
 
 
 @dataclasses.dataclass
@@ -89,7 +98,7 @@ class TrainerConfig:
         accelerator: "auto", "cpu", "gpu", ...
         strategy: auto | single_device | ddp | ddp_spawn | fsdp2 (Lightning's ModelParallelStrategy with
             ``fully_shard`` per decoder layer and on the root; needs optimizer.lowrank.side right or auto, fp32
-            optimizer states and no per-layer updates; checkpoints are sharded directories).
+            optimizer states and no per-layer updates).
         precision: 32-true | bf16-mixed (autocast, fp32 weights: the safe choice) | bf16-true (pure bf16 weights, as
             the reference runs).
         gradient_clip_val: global-norm clipping; None = off (reference: off below 7B, 1.0 at 7B).
@@ -97,6 +106,13 @@ class TrainerConfig:
         limit_val_batches: validation micro-batches per rank per validation; None = the whole validation set.
         log_every_n_steps: logging interval in optimizer steps.
         checkpoint_every_n_steps: periodic checkpoint interval in optimizer steps (``last.ckpt`` is kept too).
+        checkpoint_format: auto | sharded | full. ``sharded`` (fsdp2 only): every rank writes its shards into a
+            checkpoint directory (``torch.distributed.checkpoint``), no gather (tested: resumed on the same 2 ranks).
+            ``full``: one file gathered on rank 0 that loads with ``torch.load(weights_only=True)`` and is not tied
+            to the rank count or the strategy (tested: 2 FSDP2 ranks to 2 FSDP2 ranks and to one process); the gather
+            costs rank 0 the CPU memory of the whole model and optimizer state. ``auto``: sharded under fsdp2, full
+            otherwise (the other strategies only write full files, so ``sharded`` is refused there). The resolved
+            config holds the concrete format.
         per_layer_updates: step each weight inside backward and free its gradient at once (lowrank optimizer, one
             device, no accumulation, no gradient_clip_val; subspaces then refresh inside backward every
             optimizer.lowrank.update_gap steps and the overlap monitor is off).
@@ -115,6 +131,7 @@ class TrainerConfig:
     limit_val_batches: int | None = None
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 200
+    checkpoint_format: str = "auto"
     per_layer_updates: bool = False
     per_layer_clip_norm: float | None = None
 
@@ -202,6 +219,8 @@ def load_run_config(config: str, overrides: list[str] | tuple[str, ...] = ()) ->
     validate_run(run)
     if run.trainer.strategy == "fsdp2":
         run.optimizer.lowrank.side = "right"  # what auto means for DTensors; explicit in the resolved config
+    if run.trainer.checkpoint_format == "auto":
+        run.trainer.checkpoint_format = "sharded" if run.trainer.strategy == "fsdp2" else "full"
     return run, _plain(dataclasses.asdict(run))
 
 
@@ -226,6 +245,12 @@ def validate_run(run: RunConfig) -> None:
         problems.append(f"trainer.strategy: {t.strategy!r} is not supported: {why}; accepted: {' | '.join(STRATEGIES)} (ddp for several devices)")
     elif t.strategy not in STRATEGIES:
         problems.append(f"trainer.strategy: invalid value {t.strategy!r}; accepted: {' | '.join(STRATEGIES)}")
+    if t.checkpoint_format not in CHECKPOINT_FORMATS:
+        problems.append(f"trainer.checkpoint_format: invalid value {t.checkpoint_format!r}; "
+                        f"accepted: {' | '.join(CHECKPOINT_FORMATS)}")
+    elif t.checkpoint_format == "sharded" and t.strategy != "fsdp2":
+        problems.append(f"trainer.checkpoint_format: 'sharded' needs trainer.strategy=fsdp2 (strategy {t.strategy!r} "
+                        "writes single-file checkpoints only); accepted with it: auto | full")
     if t.precision not in PRECISIONS:
         problems.append(f"trainer.precision: invalid value {t.precision!r}; accepted: {' | '.join(PRECISIONS)}")
     for key in ("max_steps", "global_batch_size", "num_nodes", "val_every_n_steps", "log_every_n_steps", "checkpoint_every_n_steps"):
@@ -238,12 +263,18 @@ def validate_run(run: RunConfig) -> None:
             f"trainer.global_batch_size: {t.global_batch_size} is not a multiple of data.micro_batch_size x devices x "
             f"num_nodes = {d.micro_batch_size * t.devices * t.num_nodes}; accepted: multiples of it"
         )
+    if t.per_layer_updates and run.subspace.split_across_ranks:
+        problems.append("subspace.split_across_ranks: not supported with trainer.per_layer_updates (the bases refresh "
+                        "inside backward, one parameter at a time); accepted with per-layer updates: false")
     if t.per_layer_updates and run.optimizer.name != "lowrank":
         problems.append("trainer.per_layer_updates: needs optimizer.name=lowrank; accepted with adamw: false")
     if t.strategy == "fsdp2":
         if t.per_layer_updates:
             problems.append("trainer.per_layer_updates: not supported with trainer.strategy=fsdp2 (FSDP2 reduce-scatters "
                             "the gradients after backward); accepted with fsdp2: false")
+        if run.subspace.split_across_ranks:
+            problems.append("subspace.split_across_ranks: not supported with trainer.strategy=fsdp2 (every rank "
+                            "computes the bases from the gathered gradient); accepted with fsdp2: false")
         if run.optimizer.lowrank.side == "left":
             problems.append("optimizer.lowrank.side: 'left' is not supported with trainer.strategy=fsdp2 (row-sharded "
                             "weights project locally on the right); accepted with fsdp2: right | auto")

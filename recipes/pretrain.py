@@ -6,8 +6,8 @@
 
 ``--config`` takes a path or a bare name under configs/; every other argument is a ``key=value`` override. The
 resolved config is printed and saved in ``out_dir``; TensorBoard logs go to ``out_dir/tensorboard`` and checkpoints
-to ``out_dir/checkpoints`` (``resume=auto`` continues from ``last.ckpt`` there, a directory under fsdp2). Configuration errors are reported
-in one paragraph before anything is written.
+to ``out_dir/checkpoints`` (``resume=auto`` continues from ``last.ckpt`` there: a directory with fsdp2's default sharded
+checkpoints, a file otherwise). Configuration errors are reported in one paragraph before anything is written.
 """
 
 from __future__ import annotations

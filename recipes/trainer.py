@@ -48,7 +48,8 @@ def subspace_callbacks(run: RunConfig) -> list[pl.Callback]:
     if run.trainer.per_layer_updates:
         return [PerLayerUpdates(clip_norm=run.trainer.per_layer_clip_norm)]
     sub = run.subspace
-    resampler = SubspaceResampler(stagger=sub.stagger, switch_at=sub.switch_at, switch_to=sub.switch_to)
+    resampler = SubspaceResampler(stagger=sub.stagger, switch_at=sub.switch_at, switch_to=sub.switch_to,
+                                  split_across_ranks=sub.split_across_ranks)
     monitor = SubspaceOverlapMonitor(
         per_layer=sub.per_layer, image_interval=sub.image_interval,
         frozen_threshold=sub.frozen_threshold, frozen_patience=sub.frozen_patience,
@@ -58,13 +59,14 @@ def subspace_callbacks(run: RunConfig) -> list[pl.Callback]:
 
 def strategy(run: RunConfig) -> str | pl.strategies.Strategy:
     """Lightning's strategy for ``trainer.strategy``: ``fsdp2`` is ModelParallelStrategy, data parallel only, with
-    sharded (directory) checkpoints; the module applies ``fully_shard`` in ``configure_model``."""
+    sharded (directory) or full (single-file, gathered on rank 0) checkpoints as ``trainer.checkpoint_format`` says;
+    the module applies ``fully_shard`` in ``configure_model``."""
     t = run.trainer
     if t.strategy == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         return ModelParallelStrategy(data_parallel_size=world_devices(run) * t.num_nodes, tensor_parallel_size=1,
-                                     save_distributed_checkpoint=True)
+                                     save_distributed_checkpoint=t.checkpoint_format != "full")
     return t.strategy
 
 

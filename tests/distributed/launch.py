@@ -1,13 +1,18 @@
 """Launching the recipe's multi-process test runs: one 2-rank run per selector, a 1-process reference per selector
-in this process, and a 2-rank run stopped at ``STOP_AT`` then resumed with ``resume=auto``, all started at once.
-Shared by the DDP and the FSDP2 recipe tests."""
+in this process, 2-rank runs stopped at ``STOP_AT`` then resumed with ``resume=auto``, and optionally the recipe
+started by other launchers (torchrun, fabric run), all started at once. Shared by the DDP and the FSDP2 recipe
+tests."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,6 +40,7 @@ _LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORL
 
 SCRIPT = Path(__file__).resolve().parent / "_run_recipe.py"
 ROOT = SCRIPT.parents[2]
+PRETRAIN = ROOT / "recipes" / "pretrain.py"
 STEPS, STOP_AT = 12, 6
 TINY = [
     "model.vocab_size=384", "model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=2",
@@ -49,12 +55,32 @@ def _overrides(cache: Path, out: Path, selector: str, *extra: str) -> list[str]:
     return [*TINY, f"optimizer.lowrank.selector={selector}", f"data.cache_dir={cache}", f"out_dir={out}", *extra]
 
 
-def _launch(args: list[str], log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+def _launch(command: list[str], log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
     handle = log.open("w")
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, stdout=handle,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
     handle.close()
     return proc, log
+
+
+def _script(*args: str) -> list[str]:
+    """The recording launcher ``_run_recipe.py`` started like ``python recipes/pretrain.py``."""
+    return [sys.executable, str(SCRIPT), *args]
+
+
+def console_script(name: str) -> str:
+    """A console script of this environment (``torchrun``, ``fabric``): beside the interpreter, else on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+def free_port() -> int:
+    """A TCP port free right now (a launcher's rendezvous port; the small race with other processes is accepted)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _wait(proc: subprocess.Popen, log: Path) -> None:
@@ -76,13 +102,20 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-def run_matrix(
-    tmp_path_factory: pytest.TempPathFactory, name: str, parallel: list[str], selectors: tuple[str, ...],
-    reference: tuple[str, ...] = (),
-) -> Path:
-    """Runs everything once and returns the root folder: ``<selector>-1`` (1 process, overrides ``reference`` added),
-    ``<selector>-2`` (2 ranks, overrides ``parallel``) and ``split`` (importance, stopped, then resumed)."""
-    root = tmp_path_factory.mktemp(name)
+def checkpoint_bases(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The ``lowrank_basis`` tensors of a single-file checkpoint's optimizer state, keyed like the module's
+    parameters (``model.`` + the optimizer's parameter name), as ``RecordRun`` keys them."""
+    optimizer = checkpoint["optimizer_states"][0]
+    keys = {key: name for group in optimizer["param_groups"]
+            for key, name in zip(group["params"], group["param_names"])}
+    return {f"model.{keys[key]}": entry["lowrank_basis"] for key, entry in optimizer["state"].items()
+            if "lowrank_basis" in entry}
+
+
+@contextmanager
+def _recipe_env(root: Path) -> Iterator[dict[str, str]]:
+    """The environment of every run under ``root`` (offline, one thread, the shared tokenizer cache), applied to this
+    process for the in-process runs and returned for the subprocesses."""
     cache = root / "cache"
     clean = {k: v for k, v in os.environ.items()
              if k not in _LAUNCHER_VARIABLES and not k.startswith(("SLURM_", "TORCHELASTIC_"))}
@@ -90,28 +123,65 @@ def run_matrix(
            "LOWRANK_RECIPES_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "LOWRANK_RECIPES_CACHE"):
-            mp.setenv(key, env[key])
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "LOWRANK_RECIPES_CACHE"):
+                mp.setenv(key, env[key])
+            yield env
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_in_process(root: Path, name: str, selector: str, *extra: str) -> Path:
+    """One 1-process run of the recipe in this process, recorded to ``root/name/record`` (the tokenizer cache of a
+    ``run_matrix`` under ``root`` is reused)."""
+    with _recipe_env(root):
+        run, resolved = load_run_config("default", _overrides(root / "cache", root / name, selector, *extra))
+        fit(run, resolved, callbacks=[RecordRun(root / name / "record")])
+    return root / name
+
+
+def run_matrix(
+    tmp_path_factory: pytest.TempPathFactory, name: str, parallel: list[str], selectors: tuple[str, ...],
+    reference: tuple[str, ...] = (), splits: dict[str, tuple[str, ...]] | None = None,
+    launchers: dict[str, list[str]] | None = None, variants: dict[str, tuple[str, ...]] | None = None,
+) -> Path:
+    """Runs everything once and returns the root folder: ``<selector>-1`` (1 process, overrides ``reference`` added),
+    ``<selector>-2`` (2 ranks, overrides ``parallel``), per entry of ``splits`` (default ``{"split": ()}``) a 2-rank
+    run (importance, overrides ``parallel`` plus the entry's) stopped at ``STOP_AT``, then resumed, and per entry of
+    ``launchers`` a 2-rank run of ``recipes/pretrain.py`` started by that command prefix (the first selector,
+    overrides ``parallel``; not recorded: its TensorBoard log and checkpoints are what it leaves), and per entry of
+    ``variants`` a recorded 2-rank run (the first selector, overrides ``parallel`` plus the entry's)."""
+    root = tmp_path_factory.mktemp(name)
+    cache = root / "cache"
+    splits = {"split": ()} if splits is None else splits
+    with _recipe_env(root) as env:
         # Train and cache the tokenizer once, before the processes that read it start.
         run, _ = load_run_config("default", _overrides(cache, root / "unused", "dominant"))
         PretrainDataModule(run.data).prepare_data()
-        launched = [_launch([*_overrides(cache, root / f"{s}-2", s), *parallel], root / f"{s}-2.log", env)
+        launched = [_launch(_script(*_overrides(cache, root / f"{s}-2", s), *parallel), root / f"{s}-2.log", env)
                     for s in selectors]
-        first = _launch(["--stop-at", str(STOP_AT), "--record", "first",
-                         *_overrides(cache, root / "split", "importance"), *parallel], root / "split-first.log", env)
+        launched += [_launch(_script(*_overrides(cache, root / tag, selectors[0]), *parallel, *more),
+                             root / f"{tag}.log", env) for tag, more in (variants or {}).items()]
+        launched += [_launch([*prefix, str(PRETRAIN), *_overrides(cache, root / tag, selectors[0]), *parallel],
+                             root / f"{tag}.log", env) for tag, prefix in (launchers or {}).items()]
+        firsts = {tag: _launch(_script("--stop-at", str(STOP_AT), "--record", "first",
+                                       *_overrides(cache, root / tag, "importance"), *parallel, *more),
+                               root / f"{tag}-first.log", env) for tag, more in splits.items()}
         try:
             for selector in selectors:  # the references, in this process, while the ranks run
-                run, resolved = load_run_config("default", _overrides(cache, root / f"{selector}-1", selector, *reference))
+                overrides = _overrides(cache, root / f"{selector}-1", selector, *reference)
+                run, resolved = load_run_config("default", overrides)
                 fit(run, resolved, callbacks=[RecordRun(root / f"{selector}-1" / "record")])
-            _wait(*first)
-            second = _launch(["--record", "second", *_overrides(cache, root / "split", "importance", "resume=auto"),
-                              *parallel], root / "split-second.log", env)
-            for proc in [*launched, second]:
+            for tag, more in splits.items():
+                _wait(*firsts[tag])
+                launched.append(_launch(_script("--record", "second", *_overrides(cache, root / tag, "importance",
+                                                                                  "resume=auto"), *parallel, *more),
+                                        root / f"{tag}-second.log", env))
+            for proc in launched:
                 _wait(*proc)
         finally:
-            torch.set_num_threads(threads)
-            for proc, _ in [*launched, first]:
+            for proc, _ in [*launched, *firsts.values()]:
                 if proc.poll() is None:
                     proc.kill()
     return root

@@ -14,6 +14,14 @@ single process accumulates 2 micro-batches per step, each rank takes one. ``upda
 * A 2-rank run stopped at step 6 (after the refresh at step 4, before the one at step 8) and resumed from its
   ``last.ckpt`` (``resume=auto``) repeats the uninterrupted 2-rank run's losses, bases and weights exactly.
 * Every checkpoint of the 2-rank runs loads with ``torch.load(weights_only=True)``.
+* With ``subspace.split_across_ranks=true`` (each rank computes half of a refresh's SVDs and broadcasts the bases),
+  the 2-rank dominant run repeats the unsplit 2-rank run bitwise (losses, weights, bases; identical on both ranks)
+  and so equals the 1-process reference to fp32 tolerance.
+* The recipe's own entry point started by the launchers the README shows, ``torchrun --standalone --nproc_per_node 2
+  recipes/pretrain.py ...`` and ``fabric run --accelerator cpu --devices 2 --main-port P recipes/pretrain.py ...``
+  (the Trainer joins the launcher's 2 processes instead of spawning its own), logs the same per-step rank-0
+  ``train/loss`` as the spawn-launched 2-rank run (measured: bitwise), and its final weights and bases (read from its
+  ``last.ckpt``) equal the 1-process reference's to fp32 tolerance (measured: bitwise).
 
 All runs start at once in one module fixture (the processes mostly import and wait; about a minute on 2 cores).
 """
@@ -25,17 +33,36 @@ from pathlib import Path
 import pytest
 import torch
 
-from .launch import RUN_MARKS, STEPS, STOP_AT, _max_diff, _record, run_matrix
+from .launch import (RUN_MARKS, STEPS, STOP_AT, _max_diff, _record, checkpoint_bases, console_script, free_port,
+                     run_matrix)
 
 pytestmark = RUN_MARKS
 DDP = ["trainer.devices=2", "trainer.strategy=ddp"]
 SELECTORS = ("dominant", "importance")
+LAUNCHERS = ("torchrun", "fabric-run")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Per selector a 1-process and a 2-rank run, plus the stopped and resumed 2-rank run (importance)."""
-    return run_matrix(tmp_path_factory, "ddp-recipe", DDP, SELECTORS)
+    """Per selector a 1-process and a 2-rank run, plus the stopped and resumed 2-rank run (importance) and
+    ``recipes/pretrain.py`` (dominant) started by torchrun and by fabric run, and a 2-rank run (dominant) that splits
+    the SVDs across the ranks."""
+    launchers = {
+        "torchrun": [console_script("torchrun"), "--standalone", "--nproc_per_node", "2"],
+        "fabric-run": [console_script("fabric"), "run", "--accelerator", "cpu", "--devices", "2",
+                       "--main-port", str(free_port())],
+    }
+    return run_matrix(tmp_path_factory, "ddp-recipe", DDP, SELECTORS, launchers=launchers,
+                      variants={"split-svd": ("subspace.split_across_ranks=true",)})
+
+
+def _logged_losses(out: Path) -> dict[int, float]:
+    """``train/loss`` from a run's TensorBoard log, by 0-based step (rank 0's loss: logged without sync)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars("train/loss")}
 
 
 @pytest.mark.parametrize("selector", SELECTORS)
@@ -87,3 +114,32 @@ def test_ddp_checkpoints_load_weights_only(runs: Path) -> None:
     _, rank0 = _record(runs / "importance-2", 0)
     weights = {k: v for k, v in last["state_dict"].items() if k in rank0["weights"]}
     assert all(torch.equal(weights[k], rank0["weights"][k]) for k in rank0["weights"])
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_torchrun_and_fabric_run_start_the_recipe_on_two_ranks(runs: Path, launcher: str) -> None:
+    log = (runs / f"{launcher}.log").read_text()
+    assert log.count("Initializing distributed: GLOBAL_RANK") == 2, log[-4000:]  # 2 ranks, not 2 spawning 2 each
+    assert "MEMBER: 2/2" in log
+    losses = _logged_losses(runs / launcher)
+    assert sorted(losses) == list(range(STEPS)) and losses == _logged_losses(runs / "dominant-2")
+
+    _, single = _record(runs / "dominant-1", 0)
+    last = torch.load(runs / launcher / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == STEPS
+    weights = {k: v for k, v in last["state_dict"].items() if k in single["weights"]}
+    assert _max_diff(weights, single["weights"]) <= 1e-6, _max_diff(weights, single["weights"])
+    assert _max_diff(checkpoint_bases(last), single["bases"]) <= 1e-6
+
+
+def test_split_svd_run_matches_the_unsplit_run(runs: Path) -> None:
+    single_losses, single = _record(runs / "dominant-1", 0)
+    unsplit_losses, unsplit = _record(runs / "dominant-2", 0)
+    (losses0, rank0), (losses1, rank1) = (_record(runs / "split-svd", r) for r in range(2))
+    assert losses0 == losses1 == unsplit_losses and sorted(losses0) == list(range(1, STEPS + 1))
+    assert rank0["global_step"] == STEPS
+    for key in ("bases", "weights"):
+        assert _max_diff(rank0[key], rank1[key]) == 0 and _max_diff(rank0[key], unsplit[key]) == 0, key
+        assert _max_diff(rank0[key], single[key]) <= 1e-5, (key, _max_diff(rank0[key], single[key]))
+    torch.testing.assert_close(torch.tensor([losses0[s] for s in range(1, STEPS + 1)]),
+                               torch.tensor([single_losses[s] for s in range(1, STEPS + 1)]), rtol=1e-6, atol=1e-6)

@@ -12,31 +12,49 @@ what fsdp2 forces) runs in this process. Global batch 8, micro-batch 4; ``update
   losses within 2.4e-7, weights 2.8e-6, bases 6.9e-6, as in test_fsdp2_optimizer.py: the FSDP2 basis is stored
   contiguous while the plain one is a column slice of the SVD output).
 * The weights really are row-sharded: every 2-D weight's local shard holds half of its rows on each rank.
-* A 2-rank run stopped at step 6 and resumed (``resume=auto``) from its sharded ``last.ckpt/`` directory repeats the
-  uninterrupted FSDP2 run's losses, weights and bases exactly (bitwise).
+* A 2-rank run stopped at step 6 and resumed (``resume=auto``) repeats the uninterrupted FSDP2 run's losses, weights
+  and bases exactly (bitwise), from its sharded ``last.ckpt/`` directory (``trainer.checkpoint_format`` sharded, the
+  fsdp2 default) and from its full single-file ``last.ckpt`` (``trainer.checkpoint_format=full``: gathered on rank 0
+  through ``get_optimizer_state_dict(full_state_dict=True)``, restored by ``set_optimizer_state_dict`` with
+  ``broadcast_from_rank0``).
+* The full checkpoints load with ``torch.load(weights_only=True)`` and hold whole (unsharded) weights and optimizer
+  state; the one of step 6 resumes in a single process (no FSDP2) and repeats the 1-process reference's steps 7-12
+  (measured: bitwise).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from .launch import RUN_MARKS, STEPS, STOP_AT, _max_diff, _record, run_matrix
+from .launch import RUN_MARKS, STEPS, STOP_AT, _max_diff, _record, checkpoint_bases, run_in_process, run_matrix
 
 pytestmark = RUN_MARKS
 
 FSDP2 = ["trainer.devices=2", "trainer.strategy=fsdp2"]
 SELECTORS = ("importance", "dominant")
 TOL = 1e-5
+RIGHT = ("optimizer.lowrank.side=right",)  # what fsdp2 forces, for the 1-process runs
+SPLITS = {"split": (), "split-full": ("trainer.checkpoint_format=full",)}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Per selector a 1-process and a 2-rank FSDP2 run, plus the stopped and resumed FSDP2 run (importance). The
-    1-process references project on the right, as fsdp2 does."""
-    return run_matrix(tmp_path_factory, "fsdp2-recipe", FSDP2, SELECTORS, reference=("optimizer.lowrank.side=right",))
+    """Per selector a 1-process and a 2-rank FSDP2 run, plus the stopped and resumed FSDP2 runs (importance), one
+    with sharded and one with full checkpoints. The 1-process references project on the right, as fsdp2 does."""
+    return run_matrix(tmp_path_factory, "fsdp2-recipe", FSDP2, SELECTORS, reference=RIGHT, splits=SPLITS)
+
+
+@pytest.fixture(scope="module")
+def ported(runs: Path) -> Path:
+    """A 1-process run (no FSDP2) resumed with ``resume=auto`` from the full FSDP2 checkpoint of step 6."""
+    checkpoints = runs / "ported" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copy(runs / "split-full" / "checkpoints" / f"step={STOP_AT:06d}.ckpt", checkpoints / "last.ckpt")
+    return run_in_process(runs, "ported", "importance", *RIGHT, "resume=auto")
 
 
 @pytest.mark.parametrize("selector", SELECTORS)
@@ -64,12 +82,13 @@ def test_fsdp2_ranks_match_one_process(runs: Path, selector: str) -> None:
     assert any(((b != 0) & (b.abs() != 1)).any() for b in rank0["bases"].values())
 
 
-def test_fsdp2_killed_and_resumed_run_repeats_the_uninterrupted_one(runs: Path) -> None:
+@pytest.mark.parametrize("split", SPLITS)
+def test_fsdp2_killed_and_resumed_run_repeats_the_uninterrupted_one(runs: Path, split: str) -> None:
     full_losses, full = _record(runs / "importance-2", 0)
-    split = runs / "split"
-    assert (split / "checkpoints" / "last.ckpt").is_dir()  # sharded: a directory, found by resume=auto
-    first = [_record(split, r, "first") for r in range(2)]
-    second = [_record(split, r, "second") for r in range(2)]
+    last = runs / split / "checkpoints" / "last.ckpt"
+    assert last.is_dir() if split == "split" else last.is_file()  # sharded: a directory; both found by resume=auto
+    first = [_record(runs / split, r, "first") for r in range(2)]
+    second = [_record(runs / split, r, "second") for r in range(2)]
     assert all(sorted(losses) == list(range(1, STOP_AT + 1)) for losses, _ in first)
     assert all(sorted(losses) == list(range(STOP_AT + 1, STEPS + 1)) for losses, _ in second)
     assert {**first[0][0], **second[0][0]} == full_losses  # exactly: same batches, draws and optimizer state
@@ -77,3 +96,37 @@ def test_fsdp2_killed_and_resumed_run_repeats_the_uninterrupted_one(runs: Path) 
         assert state["global_step"] == STEPS
         for key in ("bases", "weights"):
             assert _max_diff(state[key], full[key]) == 0, (key, _max_diff(state[key], full[key]))
+
+
+def test_fsdp2_full_checkpoints_are_whole_and_load_weights_only(runs: Path) -> None:
+    _, single = _record(runs / "importance-1", 0)
+    _, resumed = _record(runs / "split-full", 0, "second")
+    directory = runs / "split-full" / "checkpoints"
+    names = sorted(p.name for p in directory.iterdir())
+    assert names == ["last.ckpt", "step=000003.ckpt", "step=000006.ckpt", "step=000009.ckpt", "step=000012.ckpt"]
+    for name in names:
+        checkpoint = torch.load(directory / name, weights_only=True)
+        weights = {k: v for k, v in checkpoint["state_dict"].items() if k in single["weights"]}
+        assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in single["weights"].items()}
+        bases = checkpoint_bases(checkpoint)
+        assert {k: v.shape for k, v in bases.items()} == {k: v.shape for k, v in single["bases"].items()}
+        state = checkpoint["optimizer_states"][0]["state"].values()
+        # Moments are whole (m, r): rows of both shards, not the (m / 2, r) local shard.
+        assert {tuple(e["exp_avg"].shape) for e in state if "lowrank_basis" in e} == {(32, 8), (64, 8)}
+    last = torch.load(directory / "last.ckpt", weights_only=True)
+    assert last["global_step"] == STEPS
+    weights = {k: v for k, v in last["state_dict"].items() if k in resumed["weights"]}
+    assert _max_diff(weights, resumed["weights"]) == 0 and _max_diff(checkpoint_bases(last), resumed["bases"]) == 0
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")  # the copied checkpoint
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # it was saved under split-full/
+def test_full_fsdp2_checkpoint_resumes_in_one_process(runs: Path, ported: Path) -> None:
+    single_losses, single = _record(runs / "importance-1", 0)
+    losses, state = _record(ported, 0)
+    assert sorted(losses) == list(range(STOP_AT + 1, STEPS + 1)) and state["global_step"] == STEPS
+    assert not state["local_shapes"]  # really one process, plain tensors
+    torch.testing.assert_close(torch.tensor([losses[s] for s in sorted(losses)]),
+                               torch.tensor([single_losses[s] for s in sorted(losses)]), rtol=1e-6, atol=1e-6)
+    for key in ("bases", "weights"):
+        assert _max_diff(state[key], single[key]) <= TOL, (key, _max_diff(state[key], single[key]))

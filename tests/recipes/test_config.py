@@ -77,6 +77,13 @@ def test_bare_name_with_suffix_and_overrides():
         (["trainer.strategy=fsdp2", "optimizer.lowrank.side=left"], ["optimizer.lowrank.side", "fsdp2", "right | auto"]),
         (["trainer.strategy=fsdp2", "trainer.per_layer_updates=true"], ["trainer.per_layer_updates", "fsdp2"]),
         (["trainer.precision=fp8"], ["trainer.precision", "bf16-mixed"]),
+        (["trainer.strategy=fsdp2", "subspace.split_across_ranks=true"],
+         ["subspace.split_across_ranks", "fsdp2", "false"]),
+        (["trainer.per_layer_updates=true", "subspace.split_across_ranks=true"],
+         ["subspace.split_across_ranks", "per_layer_updates", "false"]),
+        (["trainer.checkpoint_format=single"], ["trainer.checkpoint_format", "auto | sharded | full"]),
+        (["trainer.checkpoint_format=sharded", "trainer.strategy=ddp"],
+         ["trainer.checkpoint_format", "fsdp2", "'ddp'", "auto | full"]),
         (["data.source=files", "data.train_files=[/nonexistent.jsonl]"], ["data.train_files", "/nonexistent.jsonl"]),
         (["optimizer.lowrank.selector=top"], ["optimizer.lowrank.selector", "importance"]),
         (["trainer.global_batch_size=20"], ["trainer.global_batch_size", "multiple"]),
@@ -95,6 +102,32 @@ def test_fsdp2_is_accepted_and_projects_on_the_right(side):
     run, resolved = load_run_config("default", ["trainer.strategy=fsdp2", f"optimizer.lowrank.side={side}"])
     assert run.trainer.strategy == "fsdp2" and run.optimizer.lowrank.side == "right"
     assert resolved["optimizer"]["lowrank"]["side"] == "right"
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        ([], "full"),
+        (["trainer.strategy=ddp", "trainer.checkpoint_format=full"], "full"),
+        (["trainer.strategy=fsdp2"], "sharded"),
+        (["trainer.strategy=fsdp2", "trainer.checkpoint_format=sharded"], "sharded"),
+        (["trainer.strategy=fsdp2", "trainer.checkpoint_format=full"], "full"),
+    ],
+)
+def test_checkpoint_format_auto_resolves_per_strategy(overrides, expected):
+    run, resolved = load_run_config("default", overrides)
+    assert run.trainer.checkpoint_format == resolved["trainer"]["checkpoint_format"] == expected
+
+
+@pytest.mark.parametrize("fmt,distributed", [("sharded", True), ("full", False)])
+def test_fsdp2_checkpoint_format_reaches_the_strategy(fmt, distributed):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from recipes.trainer import strategy
+
+    run, _ = load_run_config("default", ["trainer.strategy=fsdp2", f"trainer.checkpoint_format={fmt}"])
+    built = strategy(run)
+    assert isinstance(built, ModelParallelStrategy) and built._save_distributed_checkpoint is distributed
 
 
 def test_bad_files(tmp_path):
@@ -124,3 +157,12 @@ def test_cli_errors_are_one_paragraph_without_traceback_and_write_nothing(tmp_pa
     assert "Traceback" not in result.stderr and result.stderr.startswith("error: unknown key trainer.max_stepz")
     assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_split_across_ranks_reaches_the_resampler():
+    from callbacks import SubspaceResampler
+    from recipes.trainer import subspace_callbacks
+
+    run, _ = load_run_config("default", ["trainer.strategy=ddp", "subspace.split_across_ranks=true"])
+    resampler = next(cb for cb in subspace_callbacks(run) if isinstance(cb, SubspaceResampler))
+    assert resampler.split_across_ranks is True
