@@ -1,0 +1,136 @@
+"""One training run of ``bench/quality.py``: the recipe's own ``fit`` with a callback that records what it measures.
+
+Kept apart from the orchestration so that worker processes (``--jobs``) import only this and the recipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from callbacks import SubspaceResampler
+from callbacks.overlap_monitor import module_type
+from lowrank import RefreshRecord
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run: a method at a learning rate and seed, and every recipe override it needs (out_dir excluded).
+
+    Attributes:
+        method: the row of the results table (``galore``, ``adamw``, ...).
+        lr: ``optimizer.lr`` (the plain group's; low-rank weights move by lr * alpha).
+        seed: the run seed (model init, data order, subspace draws).
+        phase: ``sweep`` (learning-rate sweep), ``seeds`` (extra seeds at the best lr) or ``randomized``.
+        overrides: ``key=value`` overrides of configs/default.yaml, lr and seed included.
+    """
+
+    method: str
+    lr: float
+    seed: int
+    phase: str
+    overrides: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-lr{self.lr:g}-s{self.seed}"
+
+
+class QualityRecorder(Callback):
+    """Records validation loss and perplexity at every validation and, for a low-rank run, the overlap of every refresh
+    (mean over the refreshed matrices, their mean chance level r/d and the mean per module type).
+
+    The overlaps come from the trainer's :class:`callbacks.SubspaceResampler` (subscribed in ``on_fit_start``): the
+    same ``RefreshRecord`` values that ``SubspaceOverlapMonitor`` logs to TensorBoard.
+    """
+
+    def __init__(self) -> None:
+        self.validations: list[dict[str, float]] = []
+        self.refreshes: list[dict[str, Any]] = []
+        self._resamplers: list[SubspaceResampler] = []
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resamplers = [cb for cb in trainer.callbacks if isinstance(cb, SubspaceResampler)]
+        for resampler in self._resamplers:
+            resampler.subscribe(self.on_refresh)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for resampler in self._resamplers:
+            resampler.unsubscribe(self.on_refresh)
+        self._resamplers = []
+
+    def on_refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule, records: list[RefreshRecord]) -> None:
+        pairs = [(r.name, r.overlap, r.chance) for r in records if r.overlap is not None]
+        if not pairs:  # the first refresh has no previous basis
+            return
+        by_type: dict[str, list[float]] = {}
+        for name, overlap, _ in pairs:
+            by_type.setdefault(module_type(name), []).append(overlap)
+        self.refreshes.append({
+            "step": trainer.global_step,
+            "overlap": fmean(o for _, o, _ in pairs),
+            "chance": fmean(c for _, _, c in pairs),
+            "by_type": {key: fmean(values) for key, values in by_type.items()},
+        })
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        loss = float(metrics["val/loss"])
+        ppl = float(metrics["val/ppl"]) if "val/ppl" in metrics else math.exp(loss)
+        self.validations.append({"step": trainer.global_step, "loss": loss, "ppl": ppl})
+
+
+def _quiet_lightning() -> None:
+    """Keeps the per-run start-up chatter (resolved config, device summary) out of the benchmark's output."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def train_one(spec: RunSpec, work_dir: str, threads: int, config: str = "default") -> dict[str, Any]:
+    """Runs the recipe (``config`` plus ``spec.overrides``) with outputs (TensorBoard, checkpoints, log) under
+    ``work_dir/<run name>``.
+
+    Returns the run's record: the spec, wall seconds, the validation curve, the refresh overlaps and the final
+    validation loss and perplexity (the last validation, at ``trainer.max_steps``); ``error`` when it failed.
+    """
+    from recipes.config import load_run_config
+    from recipes.trainer import fit
+
+    torch.set_num_threads(threads)
+    _quiet_lightning()
+    out = Path(work_dir) / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {**dataclasses.asdict(spec), "name": spec.name, "threads": threads}
+    recorder = QualityRecorder()
+    start = time.perf_counter()
+    with open(out / "log.txt", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            run, resolved = load_run_config(config, [*spec.overrides, f"out_dir={out}", "resume=never"])
+            fit(run, resolved, [recorder])
+        except Exception as err:  # noqa: BLE001 - one failed run is reported, the benchmark goes on
+            record["error"] = f"{type(err).__name__}: {err}"
+    record["seconds"] = time.perf_counter() - start
+    record["validations"] = recorder.validations
+    record["refreshes"] = recorder.refreshes
+    last = recorder.validations[-1] if recorder.validations else None
+    record["final_loss"] = None if last is None else last["loss"]
+    record["final_ppl"] = None if last is None else last["ppl"]
+    if last is None and "error" not in record:
+        record["error"] = f"no validation recorded (see {out / 'log.txt'})"
+    return record
