@@ -61,8 +61,9 @@ def gap_closed(method_vs_galore: dict[str, Any], adamw_vs_galore: dict[str, Any]
     if gap["ci95"] is None:
         return None, "one seed: the gap has no uncertainty estimate"
     if not gap["ci95"][1] < 0:  # adamw - galore < 0 <=> galore - adamw > 0
-        return None, (f"AdamW is not clearly better than GaLore (L_GaLore - L_AdamW = {-gap['mean']:.4f}, "
-                      f"95% interval [{-gap['ci95'][1]:.4f}, {-gap['ci95'][0]:.4f}] reaches 0 or below)")
+        verdict = "clearly worse than" if gap["ci95"][0] > 0 else "not clearly better than"
+        return None, (f"AdamW is {verdict} GaLore (L_GaLore - L_AdamW = {-gap['mean']:.4f}, "
+                      f"95% interval [{-gap['ci95'][1]:.4f}, {-gap['ci95'][0]:.4f}]: no gap to close)")
     if method_vs_galore["mean"] is None:
         return None, "no common seeds with GaLore"
     return method_vs_galore["mean"] / gap["mean"], ""
