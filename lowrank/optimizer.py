@@ -328,7 +328,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         old_basis = state.get("lowrank_basis")
         if new_basis is None:
             what = "the old basis is kept" if old_basis is not None else "a placeholder basis (first axes) is used"
-            warnings.warn(f"lowrank: gradient of {name!r} is all zero or non-finite at step {step}: {what}", stacklevel=4)
+            # torch.distributed.checkpoint creates a fresh optimizer's state with one lr-0 step on zero gradients
+            # (every resume of a sharded checkpoint): its placeholders are expected, so that case stays silent.
+            if old_basis is not None or float(group["lr"]) != 0.0:
+                warnings.warn(f"lowrank: gradient of {name!r} is all zero or non-finite at step {step}: {what}",
+                              stacklevel=4)
             if old_basis is None:
                 device = local(param).device
                 placeholder = placeholder_basis(param.shape, side, group["rank"], dtype=param.dtype, device=device)

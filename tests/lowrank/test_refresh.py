@@ -93,6 +93,23 @@ def test_zero_gradient_first_step_gets_placeholder_basis():
     assert set(opt.state_dict()["state"][0]) >= {"exp_avg", "exp_avg_sq", "lowrank_basis"}
 
 
+def test_state_initialising_lr_zero_step_makes_placeholders_silently():
+    """torch.distributed.checkpoint's loader steps a fresh optimizer once with lr 0 and zero gradients: the
+    placeholders it needs are expected, so no warning (one per weight and rank on every resume otherwise)."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    weight = nn.Parameter(torch.ones(6, 5))
+    opt = _opt([weight], rank=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _init_optim_state(opt)
+    assert torch.equal(opt.state[weight]["lowrank_basis"], torch.eye(5, 2))
+    assert opt.param_groups[0]["lr"] != 0  # restored
+    weight.grad = torch.zeros(6, 5)
+    with pytest.warns(UserWarning, match="old basis is kept"):  # a real zero gradient later still warns
+        opt.resample()
+
+
 def test_closure_runs_before_gradients_are_read():
     torch.manual_seed(0)
     weight = nn.Parameter(torch.randn(6, 5))
