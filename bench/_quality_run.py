@@ -11,16 +11,14 @@ import logging
 import math
 import time
 from pathlib import Path
-from statistics import fmean
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from callbacks import SubspaceResampler
-from callbacks.overlap_monitor import module_type
+from callbacks.overlap_monitor import overlap_metrics
+from callbacks.resampler import RefreshSubscriber
 from lowrank import RefreshRecord
 
 
@@ -47,43 +45,30 @@ class RunSpec:
         return f"{self.method}-lr{self.lr:g}-s{self.seed}"
 
 
-class QualityRecorder(Callback):
+class QualityRecorder(RefreshSubscriber):
     """Records validation loss and perplexity at every validation and, for a low-rank run, the overlap of every refresh
     (mean over the refreshed matrices, their mean chance level r/d and the mean per module type).
 
-    The overlaps come from the trainer's :class:`callbacks.SubspaceResampler` (subscribed in ``on_fit_start``): the
-    same ``RefreshRecord`` values that ``SubspaceOverlapMonitor`` logs to TensorBoard.
+    The overlaps come from the trainer's :class:`callbacks.SubspaceResampler` (subscribed in ``on_fit_start``),
+    aggregated by ``SubspaceOverlapMonitor``'s own ``overlap_metrics``: the values it logs to TensorBoard.
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.validations: list[dict[str, float]] = []
         self.refreshes: list[dict[str, Any]] = []
-        self._resamplers: list[SubspaceResampler] = []
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._resamplers = [cb for cb in trainer.callbacks if isinstance(cb, SubspaceResampler)]
-        for resampler in self._resamplers:
-            resampler.subscribe(self.on_refresh)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for resampler in self._resamplers:
-            resampler.unsubscribe(self.on_refresh)
-        self._resamplers = []
 
     def on_refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule, records: list[RefreshRecord]) -> None:
-        pairs = [(r.name, r.overlap, r.chance) for r in records if r.overlap is not None]
-        if not pairs:  # the first refresh has no previous basis
+        metrics = overlap_metrics({r.name: (r.overlap, r.chance) for r in records if r.overlap is not None})
+        if not metrics:  # the first refresh has no previous basis
             return
-        by_type: dict[str, list[float]] = {}
-        for name, overlap, _ in pairs:
-            by_type.setdefault(module_type(name), []).append(overlap)
+        prefix = "lowrank/overlap/"
         self.refreshes.append({
             "step": trainer.global_step,
-            "overlap": fmean(o for _, o, _ in pairs),
-            "chance": fmean(c for _, _, c in pairs),
-            "by_type": {key: fmean(values) for key, values in by_type.items()},
+            "overlap": metrics[prefix + "mean"],
+            "chance": metrics["lowrank/overlap_chance/mean"],
+            "by_type": {key[len(prefix):]: value for key, value in metrics.items()
+                        if key.startswith(prefix) and key != prefix + "mean"},
         })
 
     @override

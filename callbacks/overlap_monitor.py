@@ -38,13 +38,12 @@ from statistics import fmean
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from callbacks.overlap_figure import render_overlap_figure
-from callbacks.resampler import SubspaceResampler
+from callbacks.resampler import RefreshSubscriber
 from lowrank import RefreshRecord, normalize_param_name
 
 IMAGE_TAG = "lowrank/overlap_heatmap"
@@ -89,7 +88,7 @@ def overlap_metrics(latest: Mapping[str, tuple[float, float]]) -> dict[str, floa
     return metrics
 
 
-class SubspaceOverlapMonitor(Callback):
+class SubspaceOverlapMonitor(RefreshSubscriber):
     """Logs the subspace overlap of every refresh made by the trainer's :class:`SubspaceResampler` (module docstring).
 
     Args:
@@ -117,6 +116,7 @@ class SubspaceOverlapMonitor(Callback):
             raise ValueError(f"frozen_threshold: invalid value {frozen_threshold!r}; accepted: a number in (0, 1]")
         if not (isinstance(frozen_patience, int) and frozen_patience >= 1):
             raise ValueError(f"frozen_patience: invalid value {frozen_patience!r}; accepted: an integer >= 1")
+        super().__init__()
         self.per_layer = per_layer
         self.image_interval = image_interval
         self.frozen_threshold = float(frozen_threshold)
@@ -129,25 +129,16 @@ class SubspaceOverlapMonitor(Callback):
         self._chance: float | None = None
         self._drawn_at = -1  # num_refreshes when the last picture was drawn
         self._images_disabled = False
-        self._resamplers: list[SubspaceResampler] = []
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._resamplers = [cb for cb in trainer.callbacks if isinstance(cb, SubspaceResampler)]
-        if not self._resamplers:
+        super().on_fit_start(trainer, pl_module)
+        if not self.resamplers:
             raise MisconfigurationException(
                 "SubspaceOverlapMonitor logs the refreshes made by SubspaceResampler, and none is attached: add "
                 "SubspaceResampler() to the Trainer's callbacks (with its defaults it refreshes on the optimizer's "
                 "own schedule, every update_gap steps)"
             )
-        for resampler in self._resamplers:
-            resampler.subscribe(self.on_refresh)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for resampler in self._resamplers:
-            resampler.unsubscribe(self.on_refresh)
-        self._resamplers = []
 
     @rank_zero_only
     def on_refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule, records: list[RefreshRecord]) -> None:

@@ -314,3 +314,27 @@ class SubspaceResampler(Callback):
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+
+
+class RefreshSubscriber(Callback):
+    """Base of callbacks that hear every refresh of the Trainer's :class:`SubspaceResampler` (s): subscribes
+    :meth:`on_refresh` in ``on_fit_start``, unsubscribes in ``teardown``. ``self.resamplers`` holds the ones found."""
+
+    def __init__(self) -> None:
+        self.resamplers: list[SubspaceResampler] = []
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.resamplers = [cb for cb in trainer.callbacks if isinstance(cb, SubspaceResampler)]
+        for resampler in self.resamplers:
+            resampler.subscribe(self.on_refresh)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for resampler in self.resamplers:
+            resampler.unsubscribe(self.on_refresh)
+        self.resamplers = []
+
+    def on_refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule, records: list[RefreshRecord]) -> None:
+        """One refresh's records, on every rank (a :data:`RefreshListener`)."""
+        raise NotImplementedError

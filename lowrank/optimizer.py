@@ -289,20 +289,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
     ) -> list[RefreshRecord]:
         """``resample(split_across_ranks=True)`` on several ranks: the selections run in ``run_split``, then every
         rank installs every basis (moment policy, state, record) as an unsplit refresh does."""
-        jobs = []
+        jobs, rules = [], []
         for group, name, param, step in todo:
             if is_dtensor(param):
                 raise ValueError(f"split_across_ranks: parameter {name!r} is a DTensor (FSDP2), whose basis every rank "
                                  "computes from the gathered gradient; accepted with DTensors: False")
-            grad, side, selector = param.grad, _side(group, param), self._selector(group, selector_name)
-            oriented = orient(grad, side)
-            generator = draw_generator(group["seed"], step, name)
-            select = functools.partial(selector.select, oriented, group["rank"], generator)
-            dtype = torch.promote_types(grad.dtype, torch.float32)  # holds the selector's fp32 (or wider) output
-            jobs.append(SplitJob(select, (oriented.shape[0], group["rank"]), grad.device, dtype))
+            rule, oriented, select = self._selection(group, name, param, step, selector_name)
+            dtype = torch.promote_types(oriented.dtype, torch.float32)  # holds the selector's fp32 (or wider) output
+            jobs.append(SplitJob(select, (oriented.shape[0], group["rank"]), oriented.device, dtype))
+            rules.append(rule)
         bases = run_split(jobs)
-        records = [self._install(group, name, param, step, self._selector(group, selector_name).name, basis)
-                   for (group, name, param, step), basis in zip(todo, bases)]
+        records = [self._install(group, name, param, step, rule, basis)
+                   for (group, name, param, step), rule, basis in zip(todo, rules, bases)]
         return [record for record in records if record is not None]
 
     def _refresh(
@@ -310,12 +308,19 @@ class LowRankOptimizer(torch.optim.Optimizer):
     ) -> RefreshRecord | None:
         if param.grad is None:
             return None
-        side = _side(group, param)
+        rule, _, select = self._selection(group, name, param, step, selector_name)
+        return self._install(group, name, param, step, rule, select())
+
+    def _selection(
+        self, group: dict[str, Any], name: str, param: torch.Tensor, step: int, selector_name: str | None
+    ) -> tuple[str, torch.Tensor, Callable[[], torch.Tensor | None]]:
+        """(rule name, oriented gradient (d, k), the draw of the new basis, not yet run) for one parameter: the full
+        gradient (FSDP2: gathered, on refresh steps only, so every rank draws the same basis) oriented by the side
+        rule, and the generator of (seed, step, name)."""
         selector = self._selector(group, selector_name)
         generator = draw_generator(group["seed"], step, name)
-        # FSDP2: the full gradient, gathered on refresh steps only; every rank then draws the same basis.
-        new_basis = selector.select(orient(gather_full(param.grad), side), group["rank"], generator)
-        return self._install(group, name, param, step, selector.name, new_basis)
+        oriented = orient(gather_full(param.grad), _side(group, param))
+        return selector.name, oriented, functools.partial(selector.select, oriented, group["rank"], generator)
 
     def _install(
         self, group: dict[str, Any], name: str, param: torch.Tensor, step: int, selector_name: str,

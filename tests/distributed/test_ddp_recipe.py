@@ -33,8 +33,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from .launch import (RUN_MARKS, STEPS, STOP_AT, _max_diff, _record, checkpoint_bases, console_script, free_port,
-                     run_matrix)
+from .launch import RUN_MARKS, STEPS, STOP_AT, _max_diff, _record, checkpoint_bases, console_script, run_matrix
+from .spawn import free_port
 
 pytestmark = RUN_MARKS
 DDP = ["trainer.devices=2", "trainer.strategy=ddp"]

@@ -15,17 +15,16 @@ all-zero gradient ("no refresh"), two refreshes. Every selection is counted per 
 from __future__ import annotations
 
 import os
-import socket
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from lowrank.optimizer import LowRankOptimizer
 from lowrank.selectors import SubspaceSelector
+
+from .spawn import run_ranks
 
 pytestmark = [pytest.mark.multiprocess]
 
@@ -105,17 +104,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("split")
-    mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, start_method="spawn", join=True)
-    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("split"), WORLD)
 
 
 def _oriented(index: int) -> str:
