@@ -7,13 +7,12 @@ PYTHONPATH); otherwise the run must say that it skipped it, in the printed outpu
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.quick import run_quick
+
 SELECTORS = ("dominant", "importance", "random", "randomized_dominant", "randomized_importance")
 STEP_VARIANTS = {"adamw", "floor", "galore-torch", *(f"lowrank-{name}" for name in SELECTORS)}
 STEP_COLUMNS = {"model", "variant", "rank", "step_median_s", "step_quartiles_s", "floor_ratio", "galore_ratio",
@@ -29,11 +28,7 @@ TINY_RANKS = {16, 32}
 @pytest.mark.slow
 def test_quick_run_writes_every_row_and_column(tmp_path: Path) -> None:
     out = tmp_path / "nested" / "optimizer_step.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "optimizer_step.py"), "--quick", "--device", "cpu", "--out", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_quick("optimizer_step.py", "--out", str(out), cwd=tmp_path)
     result = json.loads(out.read_text())
     markdown = out.with_suffix(".md").read_text()
     assert META <= set(result["meta"]) and result["meta"]["device"] == "cpu"

@@ -4,15 +4,13 @@ not checked: a tiny model for 16 steps ranks nothing); its statistics helpers ar
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench._quality_stats import gap_closed, paired_difference, summarize, t975
+from tests.bench.quick import run_quick
 
-ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("adamw", "galore", "sara", "golore", "fira", "fira_importance", "galore_randomized", "sara_randomized")
 LOWRANK = set(METHODS) - {"adamw"}
 COLUMNS = ("method", "selector", "lr", "seeds", "final val loss (mean +- std)", "loss 95% CI", "val ppl (mean +- std)",
@@ -37,12 +35,8 @@ def _table_rows(markdown: str, first_header: str) -> tuple[list[str], list[list[
 @pytest.mark.slow
 def test_quick_run_writes_every_row_column_and_plot(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--device", "cpu", "--out-dir", str(out),
-         "--work-dir", str(tmp_path / "runs")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    done = run_quick("quality.py", "--out-dir", str(out), "--work-dir", str(tmp_path / "runs"), cwd=tmp_path,
+                     timeout=600)
     assert "ETA" in done.stdout
     result = json.loads((out / "quality.json").read_text())
     assert META <= set(result["meta"]) and result["meta"]["device"] == "cpu"

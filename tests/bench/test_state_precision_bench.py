@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.quick import run_quick
+
 VARIANTS = {f"{name}-{precision}" for name in ("lowrank", "adamw") for precision in ("fp32", "bf16", "8bit")}
 COLUMNS = {
     "variant", "name", "state_precision", "step_median_s", "step_ratio", "state_bytes", "state_ratio",
@@ -22,11 +21,7 @@ META = {"device", "torch", "cpu_count", "threads", "date", "args"}
 @pytest.mark.slow
 def test_quick_run_writes_every_row_and_column(tmp_path: Path) -> None:
     out = tmp_path / "nested" / "state_precision.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "state_precision.py"), "--quick", "--device", "cpu", "--out", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_quick("state_precision.py", "--out", str(out), cwd=tmp_path)
     result = json.loads(out.read_text())
     assert META <= set(result["meta"]) and result["meta"]["device"] == "cpu"
     assert result["meta"]["args"]["quick"] is True
