@@ -96,3 +96,6 @@ def test_gap_closed_only_for_a_clearly_positive_gap() -> None:
     noisy = paired_difference({0: 4.0, 1: 5.6, 2: 5.0}, galore)  # the interval of the gap reaches below 0
     fraction, why = gap_closed(half, noisy)
     assert fraction is None and "not clearly better" in why
+    worse = paired_difference({0: 6.0, 1: 6.1, 2: 6.2}, galore)  # AdamW 1.0 worse at every seed
+    fraction, why = gap_closed(half, worse)
+    assert fraction is None and "clearly worse" in why
