@@ -17,9 +17,9 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from callbacks.overlap_monitor import overlap_metrics
-from callbacks.resampler import RefreshSubscriber
-from lowrank import RefreshRecord
+from callbacks.subscriber import RefreshSubscriber
+from lowrank import LowRankOptimizer, RefreshRecord
+from lowrank.overlap import overlap_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +49,10 @@ class QualityRecorder(RefreshSubscriber):
     """Records validation loss and perplexity at every validation and, for a low-rank run, the overlap of every refresh
     (mean over the refreshed matrices, their mean chance level r/d and the mean per module type).
 
-    The overlaps come from the trainer's :class:`callbacks.SubspaceResampler` (subscribed in ``on_fit_start``),
-    aggregated by ``SubspaceOverlapMonitor``'s own ``overlap_metrics``: the values it logs to TensorBoard.
+    The overlaps come from the run's ``LowRankOptimizer`` (a refresh listener registered in ``on_fit_start``, whoever
+    runs the refreshes: the ``SubspaceResampler`` or per-layer updates), aggregated by
+    :func:`lowrank.overlap.overlap_metrics`, as ``SubspaceOverlapMonitor`` aggregates what it logs to TensorBoard
+    (here over the weights of each refresh only).
     """
 
     def __init__(self) -> None:
@@ -58,13 +60,21 @@ class QualityRecorder(RefreshSubscriber):
         self.validations: list[dict[str, float]] = []
         self.refreshes: list[dict[str, Any]] = []
 
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A full-rank (AdamW) run has no refreshes to hear, and RefreshSubscriber refuses an optimizer that is not a
+        # LowRankOptimizer: listen only to low-rank runs (validations are recorded either way).
+        if any(isinstance(optimizer, LowRankOptimizer) for optimizer in trainer.optimizers):
+            super().on_fit_start(trainer, pl_module)
+
+    @override
     def on_refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule, records: list[RefreshRecord]) -> None:
         metrics = overlap_metrics({r.name: (r.overlap, r.chance) for r in records if r.overlap is not None})
         if not metrics:  # the first refresh has no previous basis
             return
         prefix = "lowrank/overlap/"
         self.refreshes.append({
-            "step": trainer.global_step,
+            "step": max(r.step for r in records),  # the refresh step
             "overlap": metrics[prefix + "mean"],
             "chance": metrics["lowrank/overlap_chance/mean"],
             "by_type": {key[len(prefix):]: value for key, value in metrics.items()

@@ -51,18 +51,20 @@ from lowrank.factory import build_optimizer  # noqa: E402
 from lowrank.optimizer import LowRankOptimizer  # noqa: E402
 from lowrank.projector import add_back_projected_, orient, project, resolve_side  # noqa: E402
 from lowrank.randomness import draw_generator  # noqa: E402
-from lowrank.selectors import make_selector  # noqa: E402
+from lowrank.selectors import SELECTORS, make_selector  # noqa: E402
 from recipes.model import Llama, LlamaConfig, llama_preset  # noqa: E402
 
-SELECTOR_NAMES = ("dominant", "importance", "random", "randomized_dominant", "randomized_importance")
+SELECTOR_NAMES = tuple(SELECTORS)  # every registered selector, in registry order
 LOWRANK_VARIANTS = tuple(f"lowrank-{name}" for name in SELECTOR_NAMES)
 STEP_VARIANTS = ("adamw", *LOWRANK_VARIANTS, "galore-torch", "floor")
-# The exact rule each selector is measured against (the randomized ones approximate it; random has no exact twin).
-FULL_RULE = {"dominant": "dominant", "importance": "importance", "random": "dominant",
-             "randomized_dominant": "dominant", "randomized_importance": "importance"}
+# The exact rule each selector is measured against: the exact rules themselves, the randomized ones the rule they
+# approximate; random (and any other rule without an exact twin) against dominant, GaLore's rule.
+EXACT_RULES = ("dominant", "importance")
+_APPROXIMATES = {"randomized_dominant": "dominant", "randomized_importance": "importance"}
+FULL_RULE = {name: name if name in EXACT_RULES else _APPROXIMATES.get(name, "dominant") for name in SELECTOR_NAMES}
 LR, ALPHA, BETAS, EPS = 1e-3, 0.25, (0.9, 0.999), 1e-6
 _TINY = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_heads=4, num_layers=2, max_seq_len=64)
-# name -> (config, rank of the step timing, refresh ranks: the first is the target's). DESIGN.md section 2.
+# name -> (config, rank of the step timing, refresh ranks: the first is the target's). docs/reference.md.
 MODELS: dict[str, tuple[LlamaConfig, int, tuple[int, ...]]] = {
     "tiny": (_TINY, 16, (16, 32)),
     "60m": (llama_preset("60m"), 128, (128,)),
@@ -148,8 +150,9 @@ def build_variant(variant: str, config: LlamaConfig, rank: int, device: torch.de
     for name, param in named.items():
         param.grad = grads[name]
     if variant.startswith("lowrank-"):
-        lowrank = {"rank": rank, "update_gap": 10**9, "seed": 0, "selector": variant.removeprefix("lowrank-")}
-        return build_optimizer(model, {"name": "lowrank", "lr": LR, "betas": BETAS, "eps": EPS, "lowrank": lowrank})[0]
+        lowrank = {"rank": rank, "seed": 0, "selector": variant.removeprefix("lowrank-")}
+        return build_optimizer(model, {"name": "lowrank", "lr": LR, "betas": BETAS, "eps": EPS, "lowrank": lowrank,
+                                       "refresh": {"update_gap": 10**9}})
     if variant == "adamw":
         return torch.optim.AdamW(named.values(), lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, foreach=True)
     # floor and galore-torch: the same low-rank parameters (and, for the floor, bases) as lowrank-dominant's.

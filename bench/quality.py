@@ -11,7 +11,7 @@ How: every run is the recipe itself, ``recipes.config.load_run_config('default',
 users run; run outputs go to a scratch directory (``--work-dir``, default a temporary one), never runs/default.
 
 1. Learning-rate sweep, seed 0, three log-spaced values per method (``LR_GRIDS``): at this scale the plain group's
-   lr (embeddings, head, norms get lr, projected weights lr * alpha) decides rankings (DESIGN.md, "Fair
+   lr (embeddings, head, norms get lr, projected weights lr * alpha) decides rankings (docs/reference.md, "Fair
    comparisons"). The best value by final validation loss is kept; a best value at the edge of its grid is flagged.
 2. Seeds 1..n-1 of every method at its best lr (the sweep run is seed 0).
 3. The randomized-SVD selectors (randomized_dominant, randomized_importance), one seed at GaLore's / SARA's best lr.
@@ -86,17 +86,17 @@ LR_GRIDS: dict[str, tuple[float, ...]] = {m: ADAMW_GRID if m == "adamw" else LOW
 # every 50 steps on 64 held-out sequences, no overlap images, checkpoints only at the end (last.ckpt).
 VAL_EVERY = 50
 FULL_OVERRIDES = (
-    "optimizer.lowrank.update_gap=50", f"trainer.val_every_n_steps={VAL_EVERY}", "trainer.log_every_n_steps=50",
-    "trainer.checkpoint_every_n_steps=100000", "subspace.image_interval=null", "data.val_sequences=64",
+    "optimizer.refresh.update_gap=50", f"trainer.val_every_n_steps={VAL_EVERY}", "trainer.log_every_n_steps=50",
+    "trainer.checkpoint_every_n_steps=100000", "monitor.image_interval=null", "data.val_sequences=64",
 )
 # --quick: a tiny model, rank 8, on the first 100 documents of the corpus (its own small BPE, cached after the
 # first run).
 QUICK_OVERRIDES = (
     "model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=2", "model.num_layers=1",
     "model.max_seq_len=32", "data.seq_len=32", "data.micro_batch_size=4", "trainer.global_batch_size=4",
-    "data.max_documents=100", "data.val_sequences=8", "optimizer.lowrank.rank=8", "optimizer.lowrank.update_gap=4",
+    "data.max_documents=100", "data.val_sequences=8", "optimizer.lowrank.rank=8", "optimizer.refresh.update_gap=4",
     "trainer.val_every_n_steps=8", "trainer.log_every_n_steps=8", "trainer.checkpoint_every_n_steps=100000",
-    "subspace.image_interval=null",
+    "monitor.image_interval=null",
 )
 
 

@@ -44,7 +44,7 @@ FAMILIES = ("lowrank", "adamw")
 PRECISIONS = ("fp32", "bf16", "8bit")
 VARIANTS = tuple(f"{family}-{precision}" for family in FAMILIES for precision in PRECISIONS)
 _TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_heads=4, num_layers=2, max_seq_len=64)
-# Step-time shapes: name -> (config, rank). 60m / 130m: DESIGN.md section 2.
+# Step-time shapes: name -> (config, rank). 60m / 130m: docs/reference.md.
 STEP_MODELS: dict[str, tuple[LlamaConfig, int]] = {
     "tiny": (LlamaConfig(**_TINY), 16),
     "60m": (llama_preset("60m"), 128),
@@ -71,7 +71,7 @@ COLUMNS = (
 def optimizer_config(variant: str, rank: int, update_gap: int) -> dict[str, Any]:
     name, precision = variant.split("-")
     return {"name": name, "lr": 1e-3, "state_precision": precision,
-            "lowrank": {"rank": rank, "update_gap": update_gap, "seed": 0}}
+            "lowrank": {"rank": rank, "seed": 0}, "refresh": {"update_gap": update_gap}}
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -96,7 +96,8 @@ def measure_steps(model_name: str, device: torch.device, repeats: int, warmup: i
     for variant in VARIANTS:
         with torch.device(device):
             model = Llama(config)
-        optimizer, table = build_optimizer(model, optimizer_config(variant, rank, update_gap=10**9))
+        optimizer = build_optimizer(model, optimizer_config(variant, rank, update_gap=10**9))
+        table = optimizer.group_table
         for name, param in model.named_parameters():
             param.grad = grads[name]
         optimizer.step()  # untimed: creates the states and (low-rank) the bases; no refresh after this one
@@ -128,7 +129,7 @@ def child_main(variant: str, train_model: str, steps: int, device: torch.device)
         baseline = current_rss_bytes()  # interpreter + torch, before any model memory
     with torch.device(device):
         model = Llama(config)
-    optimizer, _ = build_optimizer(model, optimizer_config(variant, rank, update_gap=200))
+    optimizer = build_optimizer(model, optimizer_config(variant, rank, update_gap=200))
     times, loss = [], torch.zeros(())
 
     def train_step() -> None:

@@ -1,10 +1,12 @@
 """Lightning callbacks of lowrank-recipes; they work with any LightningModule whose optimizer is a
-``lowrank.LowRankOptimizer``.
+``lowrank.LowRankOptimizer``. When bases refresh is the optimizer's own ``RefreshSchedule``; the callbacks run,
+time, watch and log it.
 
-* :class:`SubspaceResampler`: when bases are refreshed (every ``update_gap`` optimizer steps, optionally staggered
-  across layers, optionally switching selector part-way: GoLore), with the wall time of each refresh.
+* :class:`SubspaceResampler`: runs the schedule's refreshes in ``on_before_optimizer_step`` (the accumulated,
+  unscaled, unclipped gradient), fills in ``trainer.max_steps`` for a selector switch, logs the refresh time.
 * :class:`SubspaceOverlapMonitor`: how much each refresh moved the subspaces (overlap vs chance r/d), a picture of
-  it, and a warning when the subspace freezes. It reads the resampler's refreshes (subscribes to it).
+  it, and a warning when the subspace freezes. A refresh listener of the optimizer: works with the resampler, with
+  per-layer updates, and with the optimizer refreshing on its own.
 * :class:`RefreshSubscriber`: base of any callback that wants every refresh's records (the monitor is one).
 * :class:`PerLayerUpdates`: steps each weight inside backward (lowrank.per_layer), freeing its gradient at once.
 * :class:`OptimizerStatePrecision`: checks that the strategy can hold bf16 / 8-bit optimizer states and converts a
@@ -17,7 +19,8 @@ Usage::
 
 from callbacks.overlap_monitor import SubspaceOverlapMonitor
 from callbacks.per_layer import PerLayerUpdates
-from callbacks.resampler import RefreshSubscriber, SubspaceResampler
+from callbacks.resampler import SubspaceResampler
 from callbacks.state_precision import OptimizerStatePrecision
+from callbacks.subscriber import RefreshSubscriber
 
 __all__ = ["OptimizerStatePrecision", "PerLayerUpdates", "RefreshSubscriber", "SubspaceOverlapMonitor", "SubspaceResampler"]

@@ -4,15 +4,15 @@ For a parameter refreshed from basis B_old to B_new (both (d, r), orthonormal co
 ``||B_old^T B_new||_F^2 / r`` in [0, 1] (1: the subspace did not move; ``RefreshRecord.overlap``). Two independent
 random r-dimensional subspaces of R^d overlap r/d on average (the chance level, ``RefreshRecord.chance``), so the
 monitor logs beside it the chance level and the normalised overlap ``(overlap - r/d) / (1 - r/d)`` (0: chance,
-1: frozen; full-rank weights, r = d, have no normalised value and are left out of it).
+1: frozen; full-rank weights, r = d, have no normalised value and are left out of it). The aggregation is
+:func:`lowrank.overlap.overlap_metrics`, usable without Lightning.
 
-Where the records come from: the monitor subscribes in ``on_fit_start`` to the :class:`callbacks.SubspaceResampler`
-attached to the same trainer and calls nothing itself; without a resampler it raises. With its defaults the
-resampler refreshes on the optimizer's own schedule (every ``update_gap`` steps), so "no resampler" has no use case
-that adding ``SubspaceResampler()`` does not cover.
+Where the records come from: the monitor is a refresh listener of the run's ``LowRankOptimizer`` (a
+:class:`callbacks.RefreshSubscriber`), so it hears every refresh, whoever runs it: the ``SubspaceResampler``, the
+optimizer's own ``step()`` (no resampler attached), or per-layer updates inside backward.
 
-Tags, logged at every refresh that has at least one overlap (the first refresh of a parameter has none), on rank
-zero through every logger of the trainer with ``step=trainer.global_step`` (= the refresh step). The aggregates
+Tags, logged after every optimizer step that refreshed a weight with an overlap (the first refresh of a parameter has
+none), on rank zero through every logger of the trainer with ``step`` = the refresh step. The aggregates
 average the *latest* overlap of every weight refreshed at least twice so far: without staggering that is exactly the
 weights of this refresh; with staggering (one slice of layers per refresh) it keeps the curves model-wide instead of
 zigzagging between slices.
@@ -33,65 +33,26 @@ loggers are skipped silently. When ``lowrank/overlap_normalized/mean`` is above 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from statistics import fmean
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from callbacks.overlap_figure import render_overlap_figure
-from callbacks.resampler import RefreshSubscriber
+from callbacks.subscriber import RefreshSubscriber
 from lowrank import RefreshRecord, normalize_param_name
+from lowrank.checks import raise_problems
+from lowrank.overlap import OverlapMonitorOptions, layer_label, module_type, overlap_metrics
 
 IMAGE_TAG = "lowrank/overlap_heatmap"
 _MAX_HISTORY = 1000  # refreshes kept for the picture; beyond it every other one is dropped
 
 
-def module_type(name: str) -> str:
-    """``model.layers.0.self_attn.q_proj.weight`` -> ``q_proj``; ``fc1.weight`` -> ``fc1``; ``w`` -> ``w``."""
-    parts = normalize_param_name(name).split(".")
-    return parts[-2] if len(parts) > 1 else parts[0]
-
-
-def layer_label(name: str) -> str:
-    """The layer a weight belongs to: the name up to its last numeric component before the module
-    (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``), else its parent path, else ``model``."""
-    parts = normalize_param_name(name).split(".")[:-2]
-    numeric = [i for i, part in enumerate(parts) if part.isdigit()]
-    if numeric:
-        parts = parts[: numeric[-1] + 1]
-    return ".".join(parts) or "model"
-
-
-def normalized_overlap(overlap: float, chance: float) -> float | None:
-    """(overlap - r/d) / (1 - r/d): 0 at chance, 1 when frozen; None for a full-rank weight (r = d)."""
-    return None if chance >= 1.0 else (overlap - chance) / (1.0 - chance)
-
-
-def overlap_metrics(latest: Mapping[str, tuple[float, float]]) -> dict[str, float]:
-    """The aggregate scalars (module docstring) of ``parameter name -> (overlap, chance)``; empty for no entry."""
-    by_type: dict[str, list[tuple[float, float]]] = {}
-    for name, pair in latest.items():
-        by_type.setdefault(module_type(name), []).append(pair)
-    if latest:
-        by_type["mean"] = list(latest.values())
-    metrics: dict[str, float] = {}
-    for key, pairs in by_type.items():
-        metrics[f"lowrank/overlap/{key}"] = fmean(o for o, _ in pairs)
-        metrics[f"lowrank/overlap_chance/{key}"] = fmean(c for _, c in pairs)
-        normalized = [n for n in (normalized_overlap(o, c) for o, c in pairs) if n is not None]
-        if normalized:
-            metrics[f"lowrank/overlap_normalized/{key}"] = fmean(normalized)
-    return metrics
-
-
 class SubspaceOverlapMonitor(RefreshSubscriber):
-    """Logs the subspace overlap of every refresh made by the trainer's :class:`SubspaceResampler` (module docstring).
+    """Logs the subspace overlap of every refresh of the trainer's ``LowRankOptimizer`` (module docstring).
 
-    Args:
+    Args: the fields of :class:`lowrank.overlap.OverlapMonitorOptions`:
         per_layer: also log ``lowrank/overlap_layer/<parameter name>`` for every refreshed weight.
         image_interval: draw the picture every this many refreshes (refreshes with at least one overlap) and at the
             end of training; None disables it.
@@ -100,7 +61,7 @@ class SubspaceOverlapMonitor(RefreshSubscriber):
 
     Raises:
         ValueError: for an invalid argument.
-        MisconfigurationException: in ``on_fit_start`` when no ``SubspaceResampler`` is attached.
+        MisconfigurationException: in ``on_fit_start`` when the optimizer is not one ``LowRankOptimizer``.
     """
 
     def __init__(
@@ -110,12 +71,8 @@ class SubspaceOverlapMonitor(RefreshSubscriber):
         frozen_threshold: float = 0.9,
         frozen_patience: int = 3,
     ) -> None:
-        if image_interval is not None and not (isinstance(image_interval, int) and image_interval >= 1):
-            raise ValueError(f"image_interval: invalid value {image_interval!r}; accepted: an integer >= 1 or None")
-        if not (isinstance(frozen_threshold, (int, float)) and 0.0 < frozen_threshold <= 1.0):
-            raise ValueError(f"frozen_threshold: invalid value {frozen_threshold!r}; accepted: a number in (0, 1]")
-        if not (isinstance(frozen_patience, int) and frozen_patience >= 1):
-            raise ValueError(f"frozen_patience: invalid value {frozen_patience!r}; accepted: an integer >= 1")
+        options = OverlapMonitorOptions(per_layer, image_interval, frozen_threshold, frozen_patience)
+        raise_problems("SubspaceOverlapMonitor", options.problems())
         super().__init__()
         self.per_layer = per_layer
         self.image_interval = image_interval
@@ -130,19 +87,9 @@ class SubspaceOverlapMonitor(RefreshSubscriber):
         self._drawn_at = -1  # num_refreshes when the last picture was drawn
         self._images_disabled = False
 
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        if not self.resamplers:
-            raise MisconfigurationException(
-                "SubspaceOverlapMonitor logs the refreshes made by SubspaceResampler, and none is attached: add "
-                "SubspaceResampler() to the Trainer's callbacks (with its defaults it refreshes on the optimizer's "
-                "own schedule, every update_gap steps)"
-            )
-
     @rank_zero_only
     def on_refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule, records: list[RefreshRecord]) -> None:
-        """Listener of :meth:`SubspaceResampler.subscribe`: logs one refresh (rank zero only)."""
+        """Refresh listener: logs one optimizer step's refreshes (rank zero only)."""
         fresh = {normalize_param_name(r.name): (r.overlap, r.chance) for r in records if r.overlap is not None}
         if not fresh:
             return
@@ -150,7 +97,7 @@ class SubspaceOverlapMonitor(RefreshSubscriber):
         metrics = overlap_metrics(self._latest)
         if self.per_layer:
             metrics.update({f"lowrank/overlap_layer/{name}": overlap for name, (overlap, _) in fresh.items()})
-        step = trainer.global_step
+        step = max(r.step for r in records)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         self.num_refreshes += 1
@@ -204,7 +151,7 @@ class SubspaceOverlapMonitor(RefreshSubscriber):
                 f"above {self.frozen_threshold} for {self.frozen_streak} consecutive refreshes (latest {value:.3f} at "
                 f"step {step}): new bases barely differ from the old ones, so the weights keep training in the same "
                 "subspace. Try selector 'importance' or 'random', or "
-                "SubspaceResampler(switch_at=..., switch_to='random')"
+                "a selector switch on the refresh schedule (switch_at=..., switch_to='random')"
             )
 
     @rank_zero_only

@@ -4,16 +4,20 @@ Each weight is stepped inside backward as soon as its gradient is accumulated, t
 full-size gradients of all layers never coexist. Lightning's automatic optimization works unchanged: it calls
 ``optimizer.step(closure)``, the closure's backward does the updates, and ``step`` only advances the counters.
 
+Bases refresh inside backward on the optimizer's own :class:`lowrank.RefreshSchedule` (stagger and selector switch
+included; this callback fills the schedule's ``max_steps`` from ``trainer.max_steps`` when a switch needs it), and the
+optimizer's refresh listeners (``SubspaceOverlapMonitor``) hear them after each step. A ``SubspaceResampler``, if
+attached, has nothing to run.
+
 Checks in ``on_fit_start`` (every problem is collected, then one error names them all): exactly one
 ``LowRankOptimizer``; ``accumulate_grad_batches == 1`` (each backward updates the weights); no ``gradient_clip_val``
 (global-norm clipping needs all gradients at once: use ``clip_norm``, per parameter, instead); a single-device
 strategy (DDP/FSDP would reduce the gradients after the hooks stepped on them); no 16-bit AMP scaler (the gradients
-would still be scaled in the hooks; use bf16); no ``SubspaceResampler`` (it refreshes in ``on_before_optimizer_step``,
-after the gradients are gone; the optimizer refreshes each basis itself inside backward every ``update_gap`` steps).
+would still be scaled in the hooks; use bf16).
 
 Usage::
 
-    trainer = Trainer(callbacks=[PerLayerUpdates(clip_norm=1.0)], ...)   # and no SubspaceResampler
+    trainer = Trainer(callbacks=[PerLayerUpdates(clip_norm=1.0), SubspaceOverlapMonitor()], ...)
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lowrank import LowRankOptimizer
+from callbacks.lowrank_optimizer import fill_max_steps
+from lowrank import LowRankOptimizer, RefreshSchedule
 from lowrank.per_layer import PerLayerUpdater, per_layer_problems
 
 
@@ -38,6 +43,7 @@ class PerLayerUpdates(Callback):
     def __init__(self, clip_norm: float | None = None) -> None:
         self.clip_norm = clip_norm
         self._updater: PerLayerUpdater | None = None
+        self._schedule_before: RefreshSchedule | None = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -50,19 +56,21 @@ class PerLayerUpdates(Callback):
             problems.append(f"needs exactly one lowrank.LowRankOptimizer, found: {found}")
         if problems:
             raise MisconfigurationException("PerLayerUpdates: " + "; ".join(problems))
+        self._schedule_before = fill_max_steps(trainer, lowrank[0], "PerLayerUpdates")
         self._updater = PerLayerUpdater(lowrank[0], self.clip_norm)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._updater is not None:
+            if self._schedule_before is not None:
+                self._updater.optimizer.schedule = self._schedule_before
             self._updater.remove()
             self._updater = None
+        self._schedule_before = None
 
 
 def trainer_problems(trainer: pl.Trainer) -> list[str]:
     """Every Trainer setting that per-layer updates cannot honour (empty: none)."""
-    from callbacks.resampler import SubspaceResampler  # here: resampler imports nothing of this module
-
     problems = []
     if trainer.accumulate_grad_batches > 1:
         problems.append(
@@ -84,10 +92,5 @@ def trainer_problems(trainer: pl.Trainer) -> list[str]:
         problems.append(
             "a 16-bit AMP gradient scaler: the hooks would step on scaled gradients; use precision='bf16-mixed' or "
             "'32-true'"
-        )
-    if any(isinstance(cb, SubspaceResampler) for cb in trainer.callbacks):
-        problems.append(
-            "SubspaceResampler attached: it refreshes in on_before_optimizer_step, after the gradients are freed; "
-            "drop it (the optimizer refreshes each basis itself inside backward every update_gap steps)"
         )
     return problems

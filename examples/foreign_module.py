@@ -1,10 +1,11 @@
 """Low-rank training with subspace monitoring on a LightningModule that knows nothing of this project.
 
 Three lines make the difference: build the optimizer with ``lowrank.build_optimizer`` in ``configure_optimizers``
-and add ``SubspaceResampler()`` and ``SubspaceOverlapMonitor()`` to the Trainer's callbacks. Runs in seconds on a
-CPU; open the TensorBoard logs it prints to see ``lowrank/overlap/*`` and the ``lowrank/overlap_heatmap`` picture::
+(its config's ``refresh`` section says when the subspaces refresh) and add ``SubspaceResampler()`` and
+``SubspaceOverlapMonitor()`` to the Trainer's callbacks. Runs in seconds on a CPU; open the TensorBoard logs it
+prints to see ``lowrank/overlap/*`` and the ``lowrank/overlap_heatmap`` picture::
 
-    python examples/foreign_module.py [--out DIR] [--selector dominant|importance|random]
+    python examples/foreign_module.py [--out DIR] [--selector NAME]   # any name of lowrank.SELECTORS
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ class MLP(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        # (1) the low-rank optimizer: rank-8 projections of fc1/fc2, plain AdamW for the biases.
+        # (1) the low-rank optimizer: rank-8 projections of fc1/fc2, plain AdamW for the biases, and its refresh
+        # schedule: every 10 steps, the two layers on alternating steps (stagger 2).
         config = {"name": "lowrank", "lr": 1e-2,
-                  "lowrank": {"rank": 8, "targets": ["fc1", "fc2"], "update_gap": 10, "selector": self.selector}}
-        optimizer, table = lowrank.build_optimizer(self, config)
-        print(table)
+                  "lowrank": {"rank": 8, "targets": ["fc1", "fc2"], "selector": self.selector},
+                  "refresh": {"update_gap": 10, "stagger": 2}}
+        optimizer = lowrank.build_optimizer(self, config)
+        print(optimizer.group_table)
         return optimizer
 
 
@@ -73,8 +76,8 @@ def main() -> None:
         accelerator="cpu", devices=1, max_steps=args.max_steps, log_every_n_steps=10,
         logger=TensorBoardLogger(out, name="foreign_module"), enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
-        # (2) and (3): the schedule (here: every 10 steps, the two layers on alternating steps) and the monitor.
-        callbacks=[SubspaceResampler(stagger=2), SubspaceOverlapMonitor(image_interval=5)],
+        # (2) and (3): the resampler runs (and times) the optimizer's scheduled refreshes; the monitor logs them.
+        callbacks=[SubspaceResampler(), SubspaceOverlapMonitor(image_interval=5)],
     )
     trainer.fit(MLP(args.selector), loader)
     metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()}

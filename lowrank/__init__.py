@@ -1,7 +1,9 @@
 """lowrank: low-rank gradient projection optimizers in plain PyTorch (no Lightning import).
 
-Entry points: :func:`build_optimizer` (model + config -> optimizer and group table), :class:`LowRankOptimizer`
-(the update rule is in its module docstring), ``SELECTORS`` (subspace rules), :func:`subspace_overlap`.
+Entry points: :func:`build_optimizer` (model + config -> optimizer, with its group table as ``.group_table``),
+:class:`LowRankOptimizer` (the update rule is in its module docstring), :class:`RefreshSchedule` (when bases refresh),
+:class:`LowRankOptions` (every group option and its default), ``SELECTORS`` (subspace rules),
+:func:`subspace_overlap`.
 """
 
 from lowrank.bases import BASES, BaseSpec, register_base
@@ -10,16 +12,18 @@ from lowrank.config import STATE_PRECISIONS, DEFAULT_TARGETS, LowRankConfig, Opt
 from lowrank.factory import GroupTable, TableRow, build_optimizer
 from lowrank.moment_storage import convert_state
 from lowrank.moments import MOMENT_POLICIES
-from lowrank.optimizer import LOWRANK_DEFAULTS, LowRankOptimizer
+from lowrank.optimizer import DueRefresh, LowRankOptimizer, RefreshListener
+from lowrank.options import LOWRANK_DEFAULTS, LowRankOptions
 from lowrank.quantization import dequantize_blockwise, quantize_blockwise
 from lowrank.projector import SIDES, back_project, chance_overlap, project, resolve_side, subspace_overlap
 from lowrank.randomness import draw_generator, normalize_param_name
 from lowrank.records import RefreshRecord
+from lowrank.schedule import RefreshSchedule
 from lowrank.sampling import importance_indices
-from lowrank.selectors import SELECTORS, SubspaceSelector, make_selector, register_selector
+from lowrank.selectors import SELECTORS, SubspaceSelector, make_selector, register_selector, selector_fields
 
 __all__ = [
-    "BASES", "BaseSpec", "CompactAdamW", "STATE_PRECISIONS", "convert_state", "dequantize_blockwise",
+    "BASES", "BaseSpec", "DueRefresh", "LowRankOptions", "RefreshListener", "RefreshSchedule", "selector_fields", "CompactAdamW", "STATE_PRECISIONS", "convert_state", "dequantize_blockwise",
     "quantize_blockwise", "DEFAULT_TARGETS", "GroupTable", "LOWRANK_DEFAULTS", "LowRankConfig", "LowRankOptimizer",
     "MOMENT_POLICIES", "OptimizerConfig", "RefreshRecord", "SELECTORS", "SIDES", "SubspaceSelector", "TableRow",
     "back_project", "build_optimizer", "chance_overlap", "draw_generator", "importance_indices", "make_selector",

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from lowrank.checks import is_int, is_number
 from lowrank.moment_storage import (
     ADAM_MOMENTS, PRECISIONS, convert_state, moment_bytes, read_rows, stored_precision, write_rows, zero_moment,
 )
@@ -45,26 +46,18 @@ CPU_CHUNK_SIZE = 1 << 20  # 4 MiB of float32 per temporary: fewer Python-level c
 DEVICE_CHUNK_SIZE = 1 << 26  # accelerators: whole tensors up to 64M elements (fewer kernel launches)
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _problem(group: dict[str, Any]) -> str | None:
     """The first invalid hyperparameter of ``group`` as 'key: invalid value ...; accepted: ...', or None."""
     betas = group["betas"]
     checks = [
-        ("lr", _number(group["lr"]) and group["lr"] >= 0, "a number >= 0"),
-        ("betas", isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas),
+        ("lr", is_number(group["lr"]) and group["lr"] >= 0, "a number >= 0"),
+        ("betas", isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
             "two numbers in [0, 1)"),
-        ("eps", _number(group["eps"]) and group["eps"] >= 0, "a number >= 0"),
-        ("weight_decay", _number(group["weight_decay"]) and group["weight_decay"] >= 0, "a number >= 0"),
+        ("eps", is_number(group["eps"]) and group["eps"] >= 0, "a number >= 0"),
+        ("weight_decay", is_number(group["weight_decay"]) and group["weight_decay"] >= 0, "a number >= 0"),
         ("state_precision", group["state_precision"] in PRECISIONS, " | ".join(PRECISIONS)),
-        ("min_8bit_size", _integer(group["min_8bit_size"]) and group["min_8bit_size"] >= 0, "an integer >= 0"),
-        ("block_size", _integer(group["block_size"]) and group["block_size"] >= 1, "an integer >= 1"),
+        ("min_8bit_size", is_int(group["min_8bit_size"]) and group["min_8bit_size"] >= 0, "an integer >= 0"),
+        ("block_size", is_int(group["block_size"]) and group["block_size"] >= 1, "an integer >= 1"),
     ]
     for key, ok, accepted in checks:
         if not ok:
@@ -125,7 +118,7 @@ class CompactAdamW(torch.optim.Optimizer):
         problem = _problem(defaults)
         if problem:
             raise ValueError(problem)
-        if chunk_size is not None and not (_integer(chunk_size) and chunk_size >= 1):
+        if chunk_size is not None and not (is_int(chunk_size) and chunk_size >= 1):
             raise ValueError(f"chunk_size: invalid value {chunk_size!r}; accepted: an integer >= 1, or None")
         self.chunk_size = chunk_size
         super().__init__(params, defaults)

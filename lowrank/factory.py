@@ -93,14 +93,14 @@ def _assign(named: list[tuple[str, nn.Parameter]], targets: list[str]) -> dict[s
     return chosen
 
 
-def build_optimizer(
-    model: nn.Module, config: OptimizerConfig | Mapping[str, Any]
-) -> tuple[torch.optim.Optimizer, GroupTable]:
+def build_optimizer(model: nn.Module, config: OptimizerConfig | Mapping[str, Any]) -> torch.optim.Optimizer:
     """Builds the configured optimizer over ``model``'s trainable parameters.
 
     Returns:
-        The optimizer (``torch.optim.AdamW`` for ``name: adamw``, else :class:`LowRankOptimizer`) and the group
-        table to log at start-up.
+        The optimizer (``torch.optim.AdamW`` for ``name: adamw`` (or :class:`CompactAdamW` with compact states),
+        else :class:`LowRankOptimizer` on the ``optimizer.refresh`` schedule), ready to be returned from a
+        LightningModule's ``configure_optimizers``. Its ``group_table`` attribute (:class:`GroupTable`) says which
+        parameter went where, to log at start-up.
     """
     cfg = optimizer_config_from_dict(config)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -119,7 +119,8 @@ def build_optimizer(
             TableRow(n, tuple(p.shape), "plain", None, None, None, spec.estimate_state_bytes(tuple(p.shape), p.dtype))
             for n, p in named
         ]
-        return optimizer, GroupTable(tuple(rows))
+        optimizer.group_table = GroupTable(tuple(rows))
+        return optimizer
 
     low = cfg.lowrank
     chosen = _assign(named, low.targets)
@@ -151,20 +152,8 @@ def build_optimizer(
     if plain_named:
         groups.append({"params": [p for _, p in plain_named], "param_names": [n for n, _ in plain_named], "name": "plain"})
     optimizer = LowRankOptimizer(
-        groups,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        base=base,
-        base_options=_base_options(cfg, base),
-        alpha=low.alpha,
-        selector=low.selector,
-        update_gap=low.update_gap,
-        side=low.side,
-        moment_policy=low.moment_policy,
-        fira=low.fira,
-        fira_gamma=low.fira_gamma,
-        oversampling=low.oversampling,
-        power_iters=low.power_iters,
-        seed=low.seed or 0,
+        groups, lr=cfg.lr, weight_decay=cfg.weight_decay, base=base, base_options=_base_options(cfg, base),
+        schedule=cfg.refresh, **low.options(),
     )
-    return optimizer, GroupTable(tuple(rows))
+    optimizer.group_table = GroupTable(tuple(rows))
+    return optimizer

@@ -13,14 +13,23 @@ learning rate. The base optimizer (AdamW by default; Adam, Adafactor or any fact
 projected shape; the moment policy (``keep`` | ``rotate`` | ``reset``, :mod:`lowrank.moments`) says what happens to
 them when B changes.
 
-Bases are refreshed from the current gradient by :meth:`LowRankOptimizer.resample`, which a schedule (the
-``SubspaceResampler`` callback) calls; without one (``auto_refresh=True``) the optimizer refreshes a group itself
-every ``update_gap`` optimizer steps, counting from step 0, never both. A parameter without a basis gets one at its
-first step with a gradient. Every draw follows the randomness rule of :mod:`lowrank.randomness`.
+Bases are refreshed from the current gradient on the optimizer's :class:`lowrank.RefreshSchedule`
+(``self.schedule``: update gap, stagger, selector switch; a function of the step and the parameter's place), the one
+owner of when refreshes happen, on every path:
 
-Per-layer updates (:mod:`lowrank.per_layer`) run the same update one parameter at a time inside backward
-(:meth:`LowRankOptimizer.step_parameter`, refreshing on the ``update_gap`` schedule); ``step`` then only advances the
-counters, the gradients being gone.
+* :meth:`step` first runs the refreshes due at this step, unless :meth:`resample` already ran them for this step (a
+  Lightning ``SubspaceResampler`` does, in ``on_before_optimizer_step``, to time them);
+* per-layer updates (:mod:`lowrank.per_layer`, :meth:`step_parameter`) refresh a parameter inside backward when the
+  schedule says it is due;
+* :meth:`due` answers before a step's forward pass which parameters refresh at a step and with which selector.
+
+A parameter without a basis gets one at its first step with a gradient. Every draw follows the randomness rule of
+:mod:`lowrank.randomness`. Refresh listeners (:meth:`register_refresh_listener`) are called once after every optimizer
+step that refreshed at least one basis, with that step's :class:`lowrank.RefreshRecord` s (under per-layer updates
+without the old bases, which are dropped as soon as the overlap is known).
+
+Per-layer updates run the same update one parameter at a time inside backward; ``step`` then only advances the
+counters (and calls the listeners), the gradients being gone.
 
 FSDP2 (``fully_shard``): parameters that are row-sharded DTensors (``Shard(0)``) always project on the ``right``
 (``side='auto'`` means right for them, ``'left'`` is refused): projection and back-projection run on the local shard,
@@ -41,12 +50,15 @@ This file is longer than the project's ~300-line guideline on purpose: the ordin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from lowrank.bases import BaseFactory, BaseSpec, resolve_base
 from lowrank.compact_adamw import STORAGE_KEYS
@@ -54,49 +66,68 @@ from lowrank.dtensor import (
     check_row_sharded, gather_full, global_norm, is_dtensor, like_rows, local, replicate_like, sharded_zeros_like_rows,
 )
 from lowrank.fira import fira_residual
-from lowrank.moments import MOMENT_POLICIES, apply_moment_policy
-from lowrank.projector import SIDES, add_back_projected_, orient, placeholder_basis, project, projected_shape, resolve_side
+from lowrank.checks import check, is_number, raise_problems
+from lowrank.moments import apply_moment_policy
+from lowrank.options import LOWRANK_DEFAULTS, OPTION_NAMES, lowrank_problems
+from lowrank.projector import add_back_projected_, orient, placeholder_basis, project, projected_shape, resolve_side
 from lowrank.randomness import draw_generator
 from lowrank.records import RefreshRecord
-from lowrank.selectors import SELECTORS, SubspaceSelector, make_selector
+from lowrank.schedule import RefreshSchedule, as_schedule
+from lowrank.selectors import SubspaceSelector, make_selector, selector_problems
 from lowrank.split_refresh import SplitJob, run_split, world
 
-# Hyperparameters of low-rank groups, with their defaults. A group whose ``rank`` is None is a plain group.
-LOWRANK_DEFAULTS: dict[str, Any] = {
-    "rank": None,
-    "alpha": 0.25,
-    "selector": "importance",
-    "update_gap": 200,
-    "side": "auto",
-    "moment_policy": "keep",
-    "fira": False,
-    "fira_gamma": 1.01,
-    "oversampling": 16,
-    "power_iters": 2,
-    "seed": 0,
-}
 _OWN_STATE_KEYS = ("lowrank_basis", "fira_norm")
+# Options that older versions took per group or as constructor arguments, and where they live now.
+MOVED_OPTIONS: dict[str, str] = {
+    "update_gap": "moved to the optimizer's schedule: LowRankOptimizer(..., schedule=RefreshSchedule(update_gap=...))",
+    "oversampling": "moved to selector_options, by rule: selector_options={'randomized_importance': {'oversampling': ..}}",
+    "power_iters": "moved to selector_options, by rule: selector_options={'randomized_importance': {'power_iters': ..}}",
+    "auto_refresh": "removed: step() refreshes what its schedule says is due, unless resample() already did at that step",
+}
+
+RefreshListener = Callable[["LowRankOptimizer", list[RefreshRecord]], None]
+"""``listener(optimizer, records)``: called after every optimizer step that refreshed at least one basis."""
 
 
-def _check(ok: bool, key: str, value: Any, accepted: str) -> None:
-    if not ok:
-        raise ValueError(f"{key}: invalid value {value!r}; accepted: {accepted}")
+class DueRefresh(NamedTuple):
+    """A parameter the schedule refreshes at a step, and the selector it is refreshed with."""
+
+    name: str
+    selector: str
+
+
+class _Todo(NamedTuple):
+    group: dict[str, Any]
+    name: str
+    param: torch.Tensor
+    step: int
+    selector: str
+
+
+def _moved(keys: Iterable[str], where: str) -> list[str]:
+    return [f"{where}{k}: {MOVED_OPTIONS[k]}" for k in keys if k in MOVED_OPTIONS]
 
 
 class LowRankOptimizer(torch.optim.Optimizer):
     """Runs ``base`` on low-rank projections of the gradients of every parameter in groups that set ``rank``.
 
     Args:
-        params: parameters or groups. Groups may set any key of ``LOWRANK_DEFAULTS``, ``lr``, ``weight_decay``, the
-            base's own hyperparameters and ``param_names`` (names seed the draws and appear in warnings).
+        params: parameters or groups. Groups may set any option of :class:`lowrank.LowRankOptions`, ``lr``,
+            ``weight_decay``, the base's own hyperparameters and ``param_names`` (names seed the draws and appear in
+            warnings and records).
         lr: learning rate.
         weight_decay: decoupled weight decay (applied to the full weight of low-rank parameters).
         base: ``"adamw"`` (default), ``"adam"``, ``"adafactor"``, a registered name, a ``BaseSpec``, or a factory
             ``f(param_groups, **base_options) -> Optimizer``.
         base_options: keyword arguments of the base (e.g. ``betas``, ``eps``, ``foreach``).
-        auto_refresh: refresh bases every ``update_gap`` steps inside :meth:`step`. A schedule that calls
-            :meth:`resample` sets it to False.
-        **lowrank: defaults for ``LOWRANK_DEFAULTS`` keys (``rank`` here makes every group low-rank).
+        schedule: when bases refresh (:class:`lowrank.RefreshSchedule`, or a mapping of its fields); default: every
+            200 steps, all at once, no selector switch.
+        **lowrank: defaults of :class:`lowrank.LowRankOptions` for every group (``rank`` here makes every group
+            low-rank).
+
+    Attributes:
+        schedule: the refresh schedule (assignable: callbacks fill in ``max_steps``).
+        group_table: set by :func:`lowrank.build_optimizer`: which parameter went where.
     """
 
     def __init__(
@@ -106,12 +137,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         base: str | BaseSpec | BaseFactory = "adamw",
         base_options: dict[str, Any] | None = None,
-        auto_refresh: bool = True,
+        schedule: RefreshSchedule | Mapping[str, Any] | None = None,
         **lowrank: Any,
     ) -> None:
-        unknown = sorted(set(lowrank) - set(LOWRANK_DEFAULTS))
+        unknown = sorted(set(lowrank) - set(OPTION_NAMES))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown}; accepted: {', '.join(LOWRANK_DEFAULTS)}")
+            moved = _moved(unknown, "")
+            raise ValueError("; ".join(moved) if moved else
+                             f"unknown option(s) {unknown}; accepted: {', '.join(OPTION_NAMES)}")
         self.spec = resolve_base(base)
         self._base_options = dict(base_options or {})
         probe = self.spec.factory([torch.zeros(1)], lr=lr, **self._base_options)  # validates the base options
@@ -121,24 +154,41 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._base_keys = tuple(key for key in probe.defaults if key not in own)
         base_defaults = {key: probe.defaults[key] for key in self._base_keys}
         defaults = {**base_defaults, "lr": lr, "weight_decay": weight_decay, **LOWRANK_DEFAULTS, **lowrank}
-        self.auto_refresh = auto_refresh
+        self._schedule = as_schedule(schedule)
+        self.group_table: Any = None
         self._stand_ins: dict[torch.Tensor, torch.Tensor] = {}
         self._base: torch.optim.Optimizer | None = None
         self._selectors: dict[tuple[Any, ...], SubspaceSelector] = {}
+        # Refreshes: whether resample() already ran this step's scheduled refreshes (step() then does not), the
+        # records waiting for the listeners (delivered after the step), the listeners.
+        self._scheduled_done = False
+        self._pending: list[RefreshRecord] = []
+        self._listeners: OrderedDict[int, RefreshListener] = OrderedDict()
         # Per-layer updates (lowrank.per_layer): the active updater, whether the base groups were synced this step,
-        # and where each tensor sits: param -> (group index, index in group), for our groups and the base's.
+        # the ids of the parameters due this step, and where each tensor sits: param -> (group index, index in group),
+        # for our groups and the base's.
         self.per_layer: Any = None
         self._synced_this_step = False
+        self._due_this_step: dict[int, str] | None = None
         self._where: dict[torch.Tensor, tuple[int, int]] = {}
         self._base_where: dict[torch.Tensor, tuple[int, int]] = {}
         super().__init__(params, defaults)
         self._base = self.spec.factory(self._base_groups(self.param_groups), **self._base_options)
+
+    @property
+    def schedule(self) -> RefreshSchedule:
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, value: RefreshSchedule | Mapping[str, Any]) -> None:
+        self._schedule = as_schedule(value)
 
     # ----------------------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         param_group = {**param_group, "params": params}
+        raise_problems("invalid parameter group", _moved(param_group, "group option "))
         if "param_names" not in param_group and not any(isinstance(p, tuple) for p in params):
             index = len(self.param_groups)
             param_group["param_names"] = [f"group{index}.param{i}" for i in range(len(params))]
@@ -161,44 +211,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 self._base.add_param_group(base_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        _check(group["lr"] >= 0, "lr", group["lr"], "a number >= 0")
-        _check(group["weight_decay"] >= 0, "weight_decay", group["weight_decay"], "a number >= 0")
+        """Every problem of a group in one ValueError: the shared option check plus what only the parameters tell."""
+        problems = check(is_number(group["lr"]) and group["lr"] >= 0, "lr", group["lr"], "a number >= 0")
+        wd = group["weight_decay"]
+        problems += check(is_number(wd) and wd >= 0, "weight_decay", wd, "a number >= 0")
         if "betas" in group:
             betas = tuple(group["betas"])
-            _check(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "betas", betas, "two numbers in [0, 1)")
-        if group["rank"] is None:
-            return
-        _check(group["selector"] in SELECTORS, "selector", group["selector"], ", ".join(sorted(SELECTORS)))
-        _check(group["side"] in SIDES, "side", group["side"], ", ".join(SIDES))
-        policy = group["moment_policy"]
-        _check(policy in MOMENT_POLICIES, "moment_policy", policy, ", ".join(MOMENT_POLICIES))
-        if policy == "rotate" and not self.spec.rotatable:
-            raise ValueError(
-                f"moment_policy: 'rotate' needs a base with known moments (adam, adamw); base {self.spec.name!r} "
-                "accepts: keep, reset"
-            )
-        _check(group["alpha"] > 0, "alpha", group["alpha"], "a number > 0")
-        _check(_is_int(group["update_gap"], 1), "update_gap", group["update_gap"], "an integer >= 1")
-        _check(group["fira_gamma"] > 1, "fira_gamma", group["fira_gamma"], "a number > 1")
-        _check(_is_int(group["oversampling"], 0), "oversampling", group["oversampling"], "an integer >= 0")
-        _check(_is_int(group["power_iters"], 0), "power_iters", group["power_iters"], "an integer >= 0")
-        rank = group["rank"]
-        _check(_is_int(rank, 1), "rank", rank, "an integer >= 1")
-        for name, param in zip(group["param_names"], group["params"]):
-            if param.dim() != 2:
-                raise ValueError(f"rank: parameter {name!r} has shape {tuple(param.shape)}; low-rank needs a 2-D weight")
-            if rank > min(param.shape):
-                raise ValueError(
-                    f"rank: {rank} is larger than parameter {name!r} allows (shape {tuple(param.shape)}); "
-                    f"accepted: 1 .. {min(param.shape)}"
-                )
-            if is_dtensor(param):
-                check_row_sharded(param, name)
-                if group["side"] == "left":
-                    raise ValueError(
-                        f"side: 'left' is not supported for the DTensor (FSDP2) parameter {name!r}; accepted: right, "
-                        "auto (which means right for DTensors: row-sharded weights project locally on the right)"
-                    )
+            problems += check(len(betas) == 2 and all(is_number(b) and 0.0 <= b < 1.0 for b in betas), "betas", betas,
+                              "two numbers in [0, 1)")
+        problems += lowrank_problems(group, "", rotatable=self.spec.rotatable)
+        if group["rank"] is not None and not problems:
+            problems += _param_problems(group)
+        raise_problems("invalid parameter group", problems)
 
     def _base_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The base's view of ``groups``: stand-ins replace low-rank parameters, in the same order."""
@@ -231,11 +255,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if weight is not None:
                     self.spec.prepare_group(base_group, weight, group["eps"])
 
-    def _selector(self, group: dict[str, Any], name: str | None = None) -> SubspaceSelector:
-        key = (name or group["selector"], group["oversampling"], group["power_iters"])
-        if key not in self._selectors:
-            self._selectors[key] = make_selector(key[0], oversampling=key[1], power_iters=key[2])
-        return self._selectors[key]
+    def _selector(self, group: dict[str, Any], name: str) -> SubspaceSelector:
+        """The rule ``name`` with the group's options for it (``selector_options[name]``), built once."""
+        options = group["selector_options"].get(name, {})
+        cache_key = (name, tuple(sorted(options.items())))
+        if cache_key not in self._selectors:
+            self._selectors[cache_key] = make_selector(name, **options)
+        return self._selectors[cache_key]
 
     # ------------------------------------------------------------------------------------------------ refresh
     def _lowrank_params(self) -> Iterable[tuple[dict[str, Any], str, torch.Tensor]]:
@@ -243,26 +269,61 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if group["rank"] is not None:
                 yield from ((group, name, p) for name, p in zip(group["param_names"], group["params"]))
 
+    def _scheduled(self, step: int | None, selector: str | None = None) -> list[_Todo]:
+        """What the schedule refreshes at ``step`` (None: each group's ``lowrank_step``), in the optimizer's order: the
+        parameters whose place is due, and those without a basis yet."""
+        params = list(self._lowrank_params())
+        todo = []
+        for place, (group, name, param) in enumerate(params):
+            at = group["lowrank_step"] if step is None else step
+            if self._schedule.is_due(at, place, len(params)) or "lowrank_basis" not in self.state.get(param, {}):
+                todo.append(_Todo(group, name, param, at, selector or self._schedule.selector_at(at, group["selector"])))
+        return todo
+
+    def due(self, step: int | None = None) -> list[DueRefresh]:
+        """The parameters refreshed at optimizer step ``step`` (default: the coming one, each group's ``lowrank_step``)
+        and their selectors, known before the step's forward pass: the schedule's due places plus the parameters
+        without a basis yet. (A due parameter whose gradient is then missing, zero or non-finite is not refreshed.)"""
+        return [DueRefresh(t.name, t.selector) for t in self._scheduled(step)]
+
+    def register_refresh_listener(self, listener: RefreshListener) -> RemovableHandle:
+        """Calls ``listener(optimizer, records)`` after every optimizer step that refreshed at least one basis, with
+        that step's records, on every rank; never inside backward. Returns a handle whose ``remove()`` unregisters it
+        (as ``register_step_post_hook`` does)."""
+        handle = RemovableHandle(self._listeners)
+        self._listeners[handle.id] = listener
+        return handle
+
+    def _deliver(self) -> None:
+        records, self._pending = self._pending, []
+        if records:
+            for listener in list(self._listeners.values()):
+                listener(self, records)
+
     @torch.no_grad()
     def resample(
         self,
         step: int | None = None,
         params: Iterable[torch.Tensor | str] | None = None,
         selector: str | None = None,
-        split_across_ranks: bool = False,
+        split_across_ranks: bool | None = None,
     ) -> list[RefreshRecord]:
-        """Refreshes the bases of low-rank parameters from their current gradients.
+        """Refreshes bases from the current gradients: what the schedule says is due at ``step``, or ``params``.
+
+        Without ``params`` this is the step's scheduled refresh, run early (Lightning's ``SubspaceResampler`` calls it
+        in ``on_before_optimizer_step`` to time it): the following :meth:`step` does not refresh again. With
+        ``params`` it is a manual refresh outside the schedule. The records go to the listeners after the next step.
 
         Args:
-            step: the optimizer step the refresh belongs to (seeds the draws); default: each group's
-                ``lowrank_step``, the number of steps taken so far.
-            params: parameters (tensors or names) to refresh; default all low-rank parameters with a gradient.
-            selector: a rule name overriding the groups' ``selector`` for this refresh (e.g. GoLore's switch).
+            step: the optimizer step the refresh belongs to (seeds the draws, picks the due set and the selector);
+                default: each group's ``lowrank_step``, the number of steps taken so far.
+            params: parameters (tensors or names) to refresh now, whether due or not.
+            selector: a rule name overriding the schedule's for this refresh.
             split_across_ranks: DDP (plain tensors, identical gradients on every rank of the default process
                 group): each rank computes a round-robin share of the new bases and broadcasts them
                 (:mod:`lowrank.split_refresh`); a collective, so every rank must call it with the same arguments. No
-                effect without an initialised process group of several ranks; refused for DTensor (FSDP2) parameters,
-                whose bases every rank computes from the gathered gradient.
+                effect without an initialised process group of several ranks; refused for DTensor (FSDP2) parameters.
+                None: the schedule's ``split_across_ranks``.
 
         Returns:
             One record per refreshed parameter (old and new basis, overlap). Parameters without a gradient, or with
@@ -271,63 +332,67 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if self.per_layer is not None:
             raise RuntimeError(
                 "lowrank: resample() cannot run with per-layer updates: the gradients are freed inside backward; the "
-                "optimizer refreshes each basis itself inside backward every update_gap steps (auto_refresh)"
+                "optimizer refreshes each basis itself inside backward on its schedule"
             )
         if selector is not None:
-            _check(selector in SELECTORS, "selector", selector, ", ".join(sorted(SELECTORS)))
-        wanted = None if params is None else {p if isinstance(p, str) else id(p) for p in params}
-        todo = [(group, name, param, group["lowrank_step"] if step is None else step)
-                for group, name, param in self._lowrank_params()
-                if wanted is None or name in wanted or id(param) in wanted]
-        if split_across_ranks and world()[1] > 1:
-            return self._resample_split([entry for entry in todo if entry[2].grad is not None], selector)
-        records = [self._refresh(group, name, param, at, selector) for group, name, param, at in todo]
-        return [record for record in records if record is not None]
+            raise_problems("resample", selector_problems(selector, {}, "selector"))
+        if params is None:
+            todo = self._scheduled(step, selector)
+            # the coming step's scheduled refresh has run (step() will not run it again) only if this was that step
+            self._scheduled_done = all(step is None or group["lowrank_step"] == step
+                                       for group in self.param_groups if group["rank"] is not None)
+        else:
+            wanted = {p if isinstance(p, str) else id(p) for p in params}
+            todo = [_Todo(group, name, param, at, selector or self._schedule.selector_at(at, group["selector"]))
+                    for group, name, param in self._lowrank_params()
+                    if name in wanted or id(param) in wanted
+                    for at in [group["lowrank_step"] if step is None else step]]
+        split = self._schedule.split_across_ranks if split_across_ranks is None else split_across_ranks
+        return self._run(todo, split)
 
-    def _resample_split(
-        self, todo: list[tuple[dict[str, Any], str, torch.Tensor, int]], selector_name: str | None
-    ) -> list[RefreshRecord]:
-        """``resample(split_across_ranks=True)`` on several ranks: the selections run in ``run_split``, then every
-        rank installs every basis (moment policy, state, record) as an unsplit refresh does."""
-        jobs, rules = [], []
-        for group, name, param, step in todo:
-            if is_dtensor(param):
-                raise ValueError(f"split_across_ranks: parameter {name!r} is a DTensor (FSDP2), whose basis every rank "
-                                 "computes from the gathered gradient; accepted with DTensors: False")
-            rule, oriented, select = self._selection(group, name, param, step, selector_name)
+    def _run(self, todo: list[_Todo], split: bool) -> list[RefreshRecord]:
+        """Refreshes ``todo`` (split across ranks or not) and queues the records for the listeners."""
+        if split and world()[1] > 1:
+            records = self._resample_split([t for t in todo if t.param.grad is not None])
+        else:
+            records = [self._refresh(t) for t in todo]
+        records = [record for record in records if record is not None]
+        self._pending.extend(records)
+        return records
+
+    def _resample_split(self, todo: list[_Todo]) -> list[RefreshRecord | None]:
+        """A split refresh on several ranks: the selections run in ``run_split``, then every rank installs every basis
+        (moment policy, state, record) as an unsplit refresh does."""
+        jobs = []
+        for t in todo:
+            if is_dtensor(t.param):
+                raise ValueError(f"split_across_ranks: parameter {t.name!r} is a DTensor (FSDP2), whose basis every "
+                                 "rank computes from the gathered gradient; accepted with DTensors: False")
+            oriented, select = self._selection(t)
             dtype = torch.promote_types(oriented.dtype, torch.float32)  # holds the selector's fp32 (or wider) output
-            jobs.append(SplitJob(select, (oriented.shape[0], group["rank"]), oriented.device, dtype))
-            rules.append(rule)
-        bases = run_split(jobs)
-        records = [self._install(group, name, param, step, rule, basis)
-                   for (group, name, param, step), rule, basis in zip(todo, rules, bases)]
-        return [record for record in records if record is not None]
+            jobs.append(SplitJob(select, (oriented.shape[0], t.group["rank"]), oriented.device, dtype))
+        return [self._install(t, basis) for t, basis in zip(todo, run_split(jobs))]
 
-    def _refresh(
-        self, group: dict[str, Any], name: str, param: torch.Tensor, step: int, selector_name: str | None
-    ) -> RefreshRecord | None:
-        if param.grad is None:
+    def _refresh(self, todo: _Todo) -> RefreshRecord | None:
+        if todo.param.grad is None:
             return None
-        rule, _, select = self._selection(group, name, param, step, selector_name)
-        return self._install(group, name, param, step, rule, select())
+        _, select = self._selection(todo)
+        return self._install(todo, select())
 
-    def _selection(
-        self, group: dict[str, Any], name: str, param: torch.Tensor, step: int, selector_name: str | None
-    ) -> tuple[str, torch.Tensor, Callable[[], torch.Tensor | None]]:
-        """(rule name, oriented gradient (d, k), the draw of the new basis, not yet run) for one parameter: the full
-        gradient (FSDP2: gathered, on refresh steps only, so every rank draws the same basis) oriented by the side
-        rule, and the generator of (seed, step, name)."""
-        selector = self._selector(group, selector_name)
-        generator = draw_generator(group["seed"], step, name)
-        oriented = orient(gather_full(param.grad), _side(group, param))
-        return selector.name, oriented, functools.partial(selector.select, oriented, group["rank"], generator)
+    def _selection(self, todo: _Todo) -> tuple[torch.Tensor, Callable[[], torch.Tensor | None]]:
+        """(oriented gradient (d, k), the draw of the new basis, not yet run) for one parameter: the full gradient
+        (FSDP2: gathered, on refresh steps only, so every rank draws the same basis) oriented by the side rule, and
+        the generator of (seed, step, name)."""
+        group = todo.group
+        selector = self._selector(group, todo.selector)
+        generator = draw_generator(group["seed"], todo.step, todo.name)
+        oriented = orient(gather_full(todo.param.grad), _side(group, todo.param))
+        return oriented, functools.partial(selector.select, oriented, group["rank"], generator)
 
-    def _install(
-        self, group: dict[str, Any], name: str, param: torch.Tensor, step: int, selector_name: str,
-        new_basis: torch.Tensor | None,
-    ) -> RefreshRecord | None:
+    def _install(self, todo: _Todo, new_basis: torch.Tensor | None) -> RefreshRecord | None:
         """Makes ``new_basis`` (None: no refresh, keep the old basis or create a placeholder) the parameter's basis,
         applying the moment policy; the refresh's record, or None when nothing was refreshed."""
+        group, name, param, step = todo.group, todo.name, todo.param, todo.step
         state = self.state[param]
         side = _side(group, param)
         old_basis = state.get("lowrank_basis")
@@ -356,7 +421,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             )
         state["lowrank_basis"] = new_basis
         old_basis = None if old_basis is None else local(old_basis)  # records hold plain (replicated) tensors
-        return RefreshRecord(name, step, selector_name, side, old_basis, local(new_basis))
+        return RefreshRecord(name, step, todo.selector, side, old_basis, local(new_basis))
 
     # --------------------------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -367,6 +432,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._sync_base_groups()
+        if not self._scheduled_done:  # under per-layer updates only weights without a hook still have a gradient
+            self._run(self._scheduled(None), self._schedule.split_across_ranks)
         active = []  # (group, param, stand-in, basis, side)
         for group, name, param in self._lowrank_params():
             if param.grad is None:
@@ -385,14 +452,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if group["rank"] is not None:
                 group["lowrank_step"] += 1
         self._synced_this_step = False
+        self._scheduled_done = False
+        self._due_this_step = None
+        self._deliver()
         return loss
 
     @torch.no_grad()
     def step_parameter(self, param: torch.Tensor) -> None:
-        """Updates one parameter from its current gradient as :meth:`step` would (refresh when due, base step,
-        update), without advancing any step counter: the :meth:`step` after the backward finishes the optimizer step
-        (it only advances the counters, the gradients being gone). Per-layer updates (:mod:`lowrank.per_layer`) call
-        it inside backward, one parameter at a time; the caller frees the gradient afterwards."""
+        """Updates one parameter from its current gradient as :meth:`step` would (refresh when the schedule says so,
+        base step, update), without advancing any step counter: the :meth:`step` after the backward finishes the
+        optimizer step (it only advances the counters and calls the listeners, the gradients being gone). Per-layer
+        updates (:mod:`lowrank.per_layer`) call it inside backward, one parameter at a time; the caller frees the
+        gradient afterwards. A refresh's record is kept without its old basis until the step ends."""
         if param.grad is None:
             return
         if not self._synced_this_step:  # once per step, before any update (as in step)
@@ -403,7 +474,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if group["rank"] is None:
             self._base_step_on(param)
             return
-        entry = self._project_grad(group, group["param_names"][pi], param)
+        if self._due_this_step is None:  # the due set of this step, computed at its first weight
+            self._due_this_step = {id(t.param): t.selector for t in self._scheduled(None)}
+        name = group["param_names"][pi]
+        selector = self._due_this_step.pop(id(param), None)
+        if selector is not None:
+            record = self._refresh(_Todo(group, name, param, group["lowrank_step"], selector))
+            if record is not None:  # the overlap is computed; the old basis is freed now, not at the step's end
+                self._pending.append(dataclasses.replace(record, old_basis=None))
+        entry = self._project_grad(group, name, param)
         self._base_step_on(entry[2])
         self._apply_update(*entry)
         entry[2].grad = None
@@ -411,12 +490,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _project_grad(
         self, group: dict[str, Any], name: str, param: torch.Tensor, zero: bool = True
     ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor, str]:
-        """Refreshes the basis when due, then sets the projected gradient as the stand-in's grad and, with ``zero``,
-        the stand-in to zero (``step`` zeroes all stand-ins at once instead)."""
+        """Sets the projected gradient as the stand-in's grad and, with ``zero``, the stand-in to zero (``step``
+        zeroes all stand-ins at once instead). A parameter still without a basis (its first gradient came after its
+        step's refresh, e.g. a manual ``resample``) gets one now, at its group's step."""
         stand_in = self._stand_ins[param]
-        due = self.auto_refresh and group["lowrank_step"] % group["update_gap"] == 0
-        if due or "lowrank_basis" not in self.state[param]:
-            self._refresh(group, name, param, group["lowrank_step"], None)
+        if "lowrank_basis" not in self.state[param]:
+            step = group["lowrank_step"]
+            record = self._refresh(_Todo(group, name, param, step, self._schedule.selector_at(step, group["selector"])))
+            self._pending.extend([] if record is None else [record])
         basis = self.state[param]["lowrank_basis"]
         side = _side(group, param)
         if zero:
@@ -478,6 +559,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return {"state": merged, "param_groups": outer["param_groups"]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending, self._scheduled_done, self._due_this_step = [], False, None  # nothing of a step in progress
         # As torch.optim does, state keys are matched to parameters by their order in the saved groups' "params"
         # (integers here, parameter names in torch.distributed.checkpoint's FSDP2 loader).
         position = {key: i for i, key in enumerate(k for g in state_dict["param_groups"] for k in g["params"])}
@@ -490,9 +572,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
         # Storage options of the base (state precision, ...) are this run's configuration, not the checkpoint's: a
         # checkpoint saved with 8-bit states resumes with whatever precision this optimizer was built with.
         storage = [{k: g[k] for k in STORAGE_KEYS if k in g} for g in self.param_groups]
+        # Options a checkpoint may lack: an empty selector_options does not survive torch.distributed.checkpoint's
+        # flattening, and older checkpoints predate options; this optimizer's values fill them in.
+        options = [{k: g[k] for k in OPTION_NAMES if k in g} for g in self.param_groups]
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
-        for group, kept in zip(self.param_groups, storage):
+        for group, kept, current in zip(self.param_groups, storage, options):
             group.update(kept)
+            group.update({k: v for k, v in current.items() if k not in group})
+            for moved in MOVED_OPTIONS:  # older checkpoints: options that live elsewhere now (the schedule)
+                group.pop(moved, None)
         params = [p for group in self.param_groups for p in group["params"]]
         for index, entry in own.items():
             param = params[int(index)]
@@ -535,5 +623,20 @@ def _holds(params: list[torch.Tensor], index: int, tensor: torch.Tensor) -> bool
     return index < len(params) and params[index] is tensor
 
 
-def _is_int(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+def _param_problems(group: dict[str, Any]) -> list[str]:
+    """What a low-rank group's parameters themselves refuse: not 2-D, a rank above min(m, n), FSDP2 layouts."""
+    problems, rank = [], group["rank"]
+    for name, param in zip(group["param_names"], group["params"]):
+        if param.dim() != 2:
+            problems.append(f"rank: parameter {name!r} has shape {tuple(param.shape)}; low-rank needs a 2-D weight")
+        elif rank > min(param.shape):
+            problems.append(f"rank: {rank} is larger than parameter {name!r} allows (shape {tuple(param.shape)}); "
+                            f"accepted: 1 .. {min(param.shape)}")
+        elif is_dtensor(param):
+            check_row_sharded(param, name)
+            if group["side"] == "left":
+                problems.append(
+                    f"side: 'left' is not supported for the DTensor (FSDP2) parameter {name!r}; accepted: right | "
+                    "auto (which means right for DTensors: row-sharded weights project locally on the right)"
+                )
+    return problems

@@ -8,10 +8,11 @@
     updater.remove()
 
 Every parameter's update is :meth:`LowRankOptimizer.step_parameter`, the same code as :meth:`LowRankOptimizer.step`
-(plain parameters get the base update, low-rank ones the projected one; a basis is refreshed on the optimizer's own
-schedule, when its group's ``lowrank_step`` is a multiple of ``update_gap`` or it has none yet). The gradient is freed
-right after, so the full-size gradients of all layers never coexist: at most one is alive at a time. The state dict
-is unchanged, so checkpoints are interchangeable with ordinary steps.
+(plain parameters get the base update, low-rank ones the projected one; a basis is refreshed when the optimizer's
+:class:`lowrank.RefreshSchedule` says it is due, stagger and selector switch included, or when it has none yet). The
+gradient is freed right after, so the full-size gradients of all layers never coexist: at most one is alive at a time.
+Refresh listeners are called after ``optimizer.step()``, with records that carry the overlap but not the old basis.
+The state dict is unchanged, so checkpoints are interchangeable with ordinary steps.
 
 What it cannot honour raises instead of updating wrongly:
 
@@ -19,11 +20,10 @@ What it cannot honour raises instead of updating wrongly:
   raises inside the second backward;
 * global-norm clipping (it needs every gradient at once): only per-parameter clipping (``clip_norm``) is offered; a
   ``clip_grad_norm_`` over all parameters after backward sees no gradient, so do not call one;
-* a schedule outside the optimizer (``auto_refresh=False``, ``resample()``): the gradients are gone when it runs;
+* ``resample()`` (the gradients are gone when it would run) and a schedule with ``split_across_ranks``;
 * DDP / FSDP / more than one process: the hooks would step before gradients are reduced.
 
-Lightning checks (accumulate_grad_batches, gradient_clip_val, strategy, SubspaceResampler) live in
-``callbacks.per_layer``.
+Lightning checks (accumulate_grad_batches, gradient_clip_val, strategy, AMP scaler) live in ``callbacks.per_layer``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from lowrank.checks import is_number
 from lowrank.optimizer import LowRankOptimizer
 
 
@@ -90,16 +91,14 @@ def per_layer_problems(optimizer: Any, clip_norm: Any = None) -> list[str]:
     if not isinstance(optimizer, LowRankOptimizer):
         return [f"need a lowrank.LowRankOptimizer, got {type(optimizer).__name__}"]
     problems = []
-    number = isinstance(clip_norm, (int, float)) and not isinstance(clip_norm, bool)
-    if clip_norm is not None and not (number and clip_norm > 0):
+    if clip_norm is not None and not (is_number(clip_norm) and clip_norm > 0):
         problems.append(f"clip_norm: invalid value {clip_norm!r}; accepted: a number > 0 (per-parameter norm) or None")
     if optimizer.per_layer is not None:
         problems.append("already enabled on this optimizer (call remove() on the active updater first)")
-    if not optimizer.auto_refresh:
+    if optimizer.schedule.split_across_ranks:
         problems.append(
-            "auto_refresh is False: bases must be refreshed inside backward on the optimizer's own schedule "
-            "(update_gap), an outside schedule (resample(), SubspaceResampler) never sees the gradients; set "
-            "optimizer.auto_refresh = True"
+            "schedule.split_across_ranks is True: bases refresh inside backward one parameter at a time, with nothing "
+            "to split; accepted with per-layer updates: False"
         )
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 
+from lowrank.checks import check, dotted, is_int, join_accepted, problem
 from lowrank.sampling import importance_indices
 from lowrank.svd import randomized_svd, thin_svd
 
@@ -46,9 +48,18 @@ def _sampling_rtol(grad: torch.Tensor) -> float:
 
 
 class SubspaceSelector(ABC):
-    """Chooses an orthonormal (d, r) basis from an oriented gradient (d, k). Stateless, no schedule."""
+    """Chooses an orthonormal (d, r) basis from an oriented gradient (d, k). Stateless, no schedule.
+
+    A rule with options of its own declares them as dataclass fields with defaults; they are set from config
+    through ``optimizer.lowrank.selector_options.<name>`` (see :func:`make_selector`) and checked by
+    :meth:`problems`. Adding a rule is one subclass registered with :func:`register_selector`.
+    """
 
     name: ClassVar[str]
+
+    def problems(self, prefix: str = "") -> list[str]:
+        """Every invalid option value, each naming ``prefix.<field>`` (none for a rule without options)."""
+        return []
 
     def select(self, grad: torch.Tensor, rank: int, generator: torch.Generator) -> torch.Tensor | None:
         """Returns the new basis (d, rank), orthonormal columns, or ``None`` for "no refresh"."""
@@ -117,6 +128,9 @@ class RandomizedDominantSelector(SubspaceSelector):
     oversampling: int = 16
     power_iters: int = 2
 
+    def problems(self, prefix: str = "") -> list[str]:
+        return _range_finder_problems(self, prefix)
+
     def _basis(self, grad: torch.Tensor, rank: int, generator: torch.Generator) -> torch.Tensor:
         u, _ = randomized_svd(grad, rank + self.oversampling, generator, self.power_iters)
         return u[:, :rank]
@@ -135,11 +149,21 @@ class RandomizedImportanceSelector(SubspaceSelector):
     oversampling: int = 16
     power_iters: int = 2
 
+    def problems(self, prefix: str = "") -> list[str]:
+        return _range_finder_problems(self, prefix)
+
     def _basis(self, grad: torch.Tensor, rank: int, generator: torch.Generator) -> torch.Tensor:
         # The range finder and the sampling draw from the same generator, in that fixed order.
         u, s = randomized_svd(grad, rank + self.oversampling, generator, self.power_iters)
         idx = importance_indices(s, rank, generator, rtol=_sampling_rtol(grad))
         return u[:, idx]
+
+
+def _range_finder_problems(selector: Any, prefix: str) -> list[str]:
+    return [
+        *check(is_int(selector.oversampling, 0), dotted(prefix, "oversampling"), selector.oversampling, "an integer >= 0"),
+        *check(is_int(selector.power_iters, 0), dotted(prefix, "power_iters"), selector.power_iters, "an integer >= 0"),
+    ]
 
 
 SELECTORS: dict[str, type[SubspaceSelector]] = {
@@ -156,14 +180,37 @@ SELECTORS: dict[str, type[SubspaceSelector]] = {
 
 def register_selector(cls: type[SubspaceSelector]) -> type[SubspaceSelector]:
     """Adds a selector class to ``SELECTORS`` under ``cls.name`` (usable as a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, SubspaceSelector)) or not isinstance(getattr(cls, "name", None), str):
+        raise ValueError(f"register_selector: {cls!r} is not a SubspaceSelector subclass with a string ``name``")
     SELECTORS[cls.name] = cls
     return cls
 
 
-def make_selector(name: str, **options: int) -> SubspaceSelector:
-    """Builds the selector called ``name``, passing it those ``options`` that it declares as fields."""
-    if name not in SELECTORS:
-        raise ValueError(f"selector: unknown value {name!r}; accepted: {', '.join(sorted(SELECTORS))}")
+def selector_fields(name: str) -> tuple[str, ...]:
+    """The options (dataclass fields) that the rule called ``name`` declares."""
     cls = SELECTORS[name]
-    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    return cls(**{key: value for key, value in options.items() if key in fields})
+    return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ()
+
+
+def selector_problems(name: Any, options: Any = None, prefix: str = "") -> list[str]:
+    """Every problem with rule ``name`` and its ``options`` (a mapping of its fields), keys under ``prefix``."""
+    if not isinstance(name, str) or name not in SELECTORS:
+        return [problem(prefix or "selector", name, join_accepted(sorted(SELECTORS)))]
+    options = {} if options is None else options
+    if not isinstance(options, Mapping):
+        return [problem(dotted(prefix, "options"), options, f"a mapping of {name!r}'s options")]
+    fields = selector_fields(name)
+    unknown = sorted(str(k) for k in options if k not in fields)
+    if unknown:
+        return [f"{dotted(prefix, unknown[0])}: unknown option of selector {name!r}; accepted: "
+                f"{join_accepted(fields) if fields else 'none (this rule has no options)'}"]
+    return SELECTORS[name](**options).problems(prefix)
+
+
+def make_selector(name: str, **options: Any) -> SubspaceSelector:
+    """Builds the selector called ``name`` with ``options`` (its declared fields); raises ValueError naming the first
+    unknown option, or every invalid value."""
+    problems = selector_problems(name, options, f"selector_options.{name}" if name in SELECTORS else "selector")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return SELECTORS[name](**options)

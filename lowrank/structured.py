@@ -1,8 +1,8 @@
 """Dataclass configs from plain mappings (YAML, OmegaConf containers, dicts), with errors people can act on.
 
 :func:`from_mapping` builds a (possibly nested) dataclass, and for the first problem it meets raises a ValueError
-that names the full key (``optimizer.lowrank.rank``), and either the closest accepted key (for a typo) or the
-expected type (for a wrong type). Semantic checks (ranges, choices) are the dataclasses' own ``validate``.
+that names the full key (``optimizer.lowrank.rank``), and either the closest accepted key (for a typo), the key's new
+place (for a key listed in the dataclass's ``MOVED_KEYS``) or the expected type (for a wrong type). Semantic checks (ranges, choices) are the dataclasses' own ``validate``.
 """
 
 from __future__ import annotations
@@ -68,6 +68,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _raise_if_moved(cls: type, key: str, value: Any, full: str) -> None:
+    """A key that an older version accepted (listed in ``cls.MOVED_KEYS``, ``"key"`` or ``"section.key"``) gets a
+    message naming its new place instead of "unknown key"."""
+    moved: dict[str, str] = getattr(cls, "MOVED_KEYS", {})
+    if key in moved:
+        raise ValueError(f"{full}: moved to {moved[key]}")
+    inner = [f"{full}.{sub}: moved to {moved[f'{key}.{sub}']}" for sub in (value if isinstance(value, Mapping) else ())
+             if f"{key}.{sub}" in moved]
+    if inner:
+        raise ValueError("; ".join(inner))
+
+
 def from_mapping(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     """Builds dataclass ``cls`` from ``data``; keys absent from ``data`` keep their defaults."""
     if not isinstance(data, Mapping):
@@ -78,6 +90,7 @@ def from_mapping(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields or not fields[key].init:
+            _raise_if_moved(cls, key, value, full)
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
             raise ValueError(f"unknown key {full}{hint}; accepted: {', '.join(fields)}")

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lowrank.config import OptimizerConfig
+from lowrank.factory import build_optimizer
+from lowrank.overlap import OverlapMonitorOptions
 from lowrank.structured import from_mapping
-from recipes.data.datamodule import DataConfig
-from recipes.model import LlamaConfig
+from recipes.data.config import DataConfig
+from recipes.model import Llama, LlamaConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRECISIONS: tuple[str, ...] = ("32-true", "32", "bf16-mixed", "bf16-true")
@@ -56,36 +59,6 @@ class ScheduleConfig:
 
 
 @dataclasses.dataclass
-class SubspaceConfig:
-    """When subspaces refresh and how they are watched (``optimizer.name: lowrank`` only; the callbacks in
-    ``callbacks/``). The refresh interval itself is ``optimizer.lowrank.update_gap``.
-
-    Attributes:
-        stagger: k > 1 spreads the refreshes over k slices of the layers (no SVD spike every T steps).
-        switch_at: fraction of ``trainer.max_steps`` after which refreshes use ``switch_to`` (GoLore: dominant, then
-            random); None = never.
-        switch_to: the selector from ``switch_at`` on.
-        per_layer: also log the overlap of every weight.
-        image_interval: refreshes between two overlap heatmaps in TensorBoard; None = none.
-        frozen_threshold: normalised overlap above which a refresh counts as "frozen".
-        frozen_patience: consecutive frozen refreshes before the warning.
-        split_across_ranks: with several DDP ranks, each rank computes a round-robin share of a refresh's SVDs and
-            broadcasts the bases (about 1/world of the SVD time per rank, one broadcast per basis; equal to the
-            unsplit run to fp32 tolerance). Off: every rank computes every basis, no communication. Not with
-            trainer.strategy=fsdp2 (every rank computes from the gathered gradient) or per-layer updates.
-    """
-
-    stagger: int = 1
-    switch_at: float | None = None
-    switch_to: str | None = None
-    per_layer: bool = False
-    image_interval: int | None = 10
-    frozen_threshold: float = 0.9
-    frozen_patience: int = 3
-    split_across_ranks: bool = False
-
-
-@dataclasses.dataclass
 class TrainerConfig:
     """What Lightning's Trainer gets.
 
@@ -114,8 +87,8 @@ class TrainerConfig:
             otherwise (the other strategies only write full files, so ``sharded`` is refused there). The resolved
             config holds the concrete format.
         per_layer_updates: step each weight inside backward and free its gradient at once (lowrank optimizer, one
-            device, no accumulation, no gradient_clip_val; subspaces then refresh inside backward every
-            optimizer.lowrank.update_gap steps and the overlap monitor is off).
+            device, no accumulation, no gradient_clip_val; subspaces then refresh inside backward on the same
+            optimizer.refresh schedule, and the overlap monitor still logs them).
         per_layer_clip_norm: per-parameter gradient-norm clipping with per-layer updates; None = off.
     """
 
@@ -143,20 +116,28 @@ class RunConfig:
     Attributes:
         model: the LLaMA's shape (``recipes.model.LlamaConfig``).
         data: data source, tokenizer, sequence length, micro-batch (``recipes.data.DataConfig``).
-        optimizer: ``adamw`` or ``lowrank`` and their settings (``lowrank.OptimizerConfig``).
+        optimizer: ``adamw`` or ``lowrank`` and their settings (``lowrank.OptimizerConfig``), the subspace refresh
+            schedule included (``optimizer.refresh``, ``lowrank.RefreshSchedule``).
         schedule: learning-rate schedule.
-        subspace: refresh schedule and overlap monitoring of the low-rank optimizer.
+        monitor: subspace-overlap monitoring of a low-rank run (``lowrank.overlap.OverlapMonitorOptions``; the
+            ``SubspaceOverlapMonitor`` callback).
         trainer: Lightning Trainer settings.
         out_dir: where TensorBoard logs, checkpoints and the resolved config go.
         seed: seeds model init, data order and (unless set) the subspace draws.
         resume: "auto" (``out_dir/checkpoints/last.ckpt`` if it exists), "never", or a checkpoint path.
     """
 
+    # The former ``subspace`` section: its schedule keys joined optimizer.refresh, its monitor keys the monitor section.
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        **{f"subspace.{k}": f"optimizer.refresh.{k}" for k in ("stagger", "switch_at", "switch_to", "split_across_ranks")},
+        **{f"subspace.{k}": f"monitor.{k}" for k in ("per_layer", "image_interval", "frozen_threshold", "frozen_patience")},
+    }
+
     model: LlamaConfig
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
-    subspace: SubspaceConfig = dataclasses.field(default_factory=SubspaceConfig)
+    monitor: OverlapMonitorOptions = dataclasses.field(default_factory=OverlapMonitorOptions)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     out_dir: str = "runs/default"
     seed: int = 0
@@ -211,11 +192,13 @@ def load_run_config(config: str, overrides: list[str] | tuple[str, ...] = ()) ->
     data = _merge_overrides(_load_yaml(resolve_config_path(config)), list(overrides))
     try:
         run = from_mapping(RunConfig, data, "")
-        run.optimizer.validate()
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if run.optimizer.lowrank.seed is None:
         run.optimizer.lowrank.seed = run.seed
+    # the horizon of a selector switch: the run's length unless set (explicit in the resolved config)
+    if isinstance(run.trainer.max_steps, int) and run.trainer.max_steps >= 1:
+        run.optimizer.refresh = run.optimizer.refresh.with_max_steps(run.trainer.max_steps)
     validate_run(run)
     if run.trainer.strategy == "fsdp2":
         run.optimizer.lowrank.side = "right"  # what auto means for DTensors; explicit in the resolved config
@@ -263,8 +246,9 @@ def validate_run(run: RunConfig) -> None:
             f"trainer.global_batch_size: {t.global_batch_size} is not a multiple of data.micro_batch_size x devices x "
             f"num_nodes = {d.micro_batch_size * t.devices * t.num_nodes}; accepted: multiples of it"
         )
-    if t.per_layer_updates and run.subspace.split_across_ranks:
-        problems.append("subspace.split_across_ranks: not supported with trainer.per_layer_updates (the bases refresh "
+    split = run.optimizer.refresh.split_across_ranks
+    if t.per_layer_updates and split:
+        problems.append("optimizer.refresh.split_across_ranks: not supported with trainer.per_layer_updates (the bases refresh "
                         "inside backward, one parameter at a time); accepted with per-layer updates: false")
     if t.per_layer_updates and run.optimizer.name != "lowrank":
         problems.append("trainer.per_layer_updates: needs optimizer.name=lowrank; accepted with adamw: false")
@@ -272,8 +256,8 @@ def validate_run(run: RunConfig) -> None:
         if t.per_layer_updates:
             problems.append("trainer.per_layer_updates: not supported with trainer.strategy=fsdp2 (FSDP2 reduce-scatters "
                             "the gradients after backward); accepted with fsdp2: false")
-        if run.subspace.split_across_ranks:
-            problems.append("subspace.split_across_ranks: not supported with trainer.strategy=fsdp2 (every rank "
+        if split:
+            problems.append("optimizer.refresh.split_across_ranks: not supported with trainer.strategy=fsdp2 (every rank "
                             "computes the bases from the gathered gradient); accepted with fsdp2: false")
         if run.optimizer.lowrank.side == "left":
             problems.append("optimizer.lowrank.side: 'left' is not supported with trainer.strategy=fsdp2 (row-sharded "
@@ -290,30 +274,15 @@ def validate_run(run: RunConfig) -> None:
             problems.append(f"data.{key}: missing file(s) {missing}")
     if run.resume not in ("auto", "never") and not Path(run.resume).exists():  # a file, or a sharded (fsdp2) directory
         problems.append(f"resume: checkpoint {run.resume!r} does not exist; accepted: auto | never | a checkpoint path")
+    problems += run.optimizer.problems("optimizer") + run.monitor.problems("monitor")
     if not problems:
-        problems += _optimizer_problems(run) + _subspace_problems(run)
+        problems += _optimizer_problems(run)
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
 
 
-def _subspace_problems(run: RunConfig) -> list[str]:
-    """The callbacks validate their own arguments; report their message under the ``subspace.`` keys."""
-    from recipes.trainer import subspace_callbacks
-
-    try:
-        subspace_callbacks(run)
-    except ValueError as err:
-        return [f"subspace.{err}"]
-    return []
-
-
 def _optimizer_problems(run: RunConfig) -> list[str]:
     """Builds the optimizer over the model on the meta device (no memory): catches ranks and target patterns."""
-    import torch
-
-    from lowrank import build_optimizer
-    from recipes.model import Llama
-
     with torch.device("meta"):
         model = Llama(run.model)
     try:

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lowrank.checks import is_int, is_number
+
 
 @dataclass
 class LlamaConfig:
@@ -55,11 +57,11 @@ class LlamaConfig:
         problems = []
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_layers", "max_seq_len"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value, 1):
                 problems.append(f"{key} must be a positive int, got {value!r}")
         for key in ("rms_norm_eps", "rope_theta", "init_std"):
             value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            if not (is_number(value) and value > 0):
                 problems.append(f"{key} must be a number > 0, got {value!r}")
         if not problems and self.hidden_size % self.num_heads != 0:
             problems.append(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
@@ -75,7 +77,7 @@ class LlamaConfig:
         return self.hidden_size // self.num_heads
 
 
-# The paper sizes (DESIGN.md section 2): T5 vocabulary, sequence length 256, untied head.
+# The paper sizes (docs/reference.md): T5 vocabulary, sequence length 256, untied head.
 # Parameter counts (norms included): 58.1M, 134.1M, 368.0M, 1339.1M, 6738.4M.
 _PRESET_SHAPES: dict[str, tuple[int, int, int, int]] = {
     # name: (hidden_size, intermediate_size, num_heads, num_layers)

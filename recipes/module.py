@@ -85,8 +85,8 @@ class LlamaPretrainModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         config = optimizer_config_from_dict(self.hparams.optimizer)
-        optimizer, table = build_optimizer(self.model, config)
-        self.group_table = str(table)
+        optimizer = build_optimizer(self.model, config)
+        self.group_table = str(optimizer.group_table)
         rank_zero_info("optimizer groups:\n" + self.group_table)
         sched = self.hparams.schedule
         max_steps = self.hparams.max_steps

@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recipes.config import ConfigError, RunConfig, load_run_config  # noqa: E402
+from recipes.config import ConfigError, load_run_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,16 +27,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default="default", help="config path or name under configs/ (default: default)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100")
     return parser.parse_args(argv)
-
-
-def resume_path(run: RunConfig) -> str | None:
-    """The checkpoint to resume from: an explicit path, ``last.ckpt`` under ``resume=auto``, or None."""
-    if run.resume == "never":
-        return None
-    if run.resume != "auto":
-        return run.resume
-    last = Path(run.out_dir) / "checkpoints" / "last.ckpt"
-    return str(last) if last.is_file() or last.is_dir() else None  # a directory: FSDP2's sharded checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from recipes.trainer import fit  # heavy imports only once the config is known to be good
+    from recipes.trainer import fit  # lightning, datasets, torchdata: imported only once the config is known to be good
 
     return fit(run, resolved)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -41,20 +42,15 @@ def _sequences(batch: dict[str, torch.Tensor]) -> int:
 
 
 def subspace_callbacks(run: RunConfig) -> list[pl.Callback]:
-    """The resampler and the overlap monitor for a low-rank run (per-layer updates instead, when asked: they
-    refresh inside backward); none for full-rank AdamW."""
+    """For a low-rank run: what runs the refreshes of the optimizer's schedule (the resampler, or per-layer updates
+    inside backward) and the overlap monitor; none for full-rank AdamW."""
     if run.optimizer.name != "lowrank":
         return []
     if run.trainer.per_layer_updates:
-        return [PerLayerUpdates(clip_norm=run.trainer.per_layer_clip_norm)]
-    sub = run.subspace
-    resampler = SubspaceResampler(stagger=sub.stagger, switch_at=sub.switch_at, switch_to=sub.switch_to,
-                                  split_across_ranks=sub.split_across_ranks)
-    monitor = SubspaceOverlapMonitor(
-        per_layer=sub.per_layer, image_interval=sub.image_interval,
-        frozen_threshold=sub.frozen_threshold, frozen_patience=sub.frozen_patience,
-    )
-    return [resampler, monitor]
+        refreshes: pl.Callback = PerLayerUpdates(clip_norm=run.trainer.per_layer_clip_norm)
+    else:
+        refreshes = SubspaceResampler()
+    return [refreshes, SubspaceOverlapMonitor(**dataclasses.asdict(run.monitor))]
 
 
 def strategy(run: RunConfig) -> str | pl.strategies.Strategy:
@@ -121,9 +117,17 @@ def save_resolved_config(out_dir: str, resolved: dict[str, Any]) -> Path:
     return path
 
 
-def fit(run: RunConfig, resolved: dict[str, Any], callbacks: list[pl.Callback] | None = None) -> int:
-    from recipes.pretrain import resume_path
+def resume_path(run: RunConfig) -> str | None:
+    """The checkpoint to resume from: an explicit path, ``last.ckpt`` under ``resume=auto``, or None."""
+    if run.resume == "never":
+        return None
+    if run.resume != "auto":
+        return run.resume
+    last = Path(run.out_dir) / "checkpoints" / "last.ckpt"
+    return str(last) if last.is_file() or last.is_dir() else None  # a directory: FSDP2's sharded checkpoint
 
+
+def fit(run: RunConfig, resolved: dict[str, Any], callbacks: list[pl.Callback] | None = None) -> int:
     rank_zero_info("resolved config:\n" + yaml.safe_dump(resolved, sort_keys=False))
     save_resolved_config(run.out_dir, resolved)
     pl.seed_everything(run.seed, workers=True)

@@ -1,22 +1,6 @@
-"""Data pipeline of the pretraining recipe: corpus, tokenizer, sources, packing, sampler, stream, loader, datamodule."""
+"""Data pipeline of the pretraining recipe: config, corpus, tokenizer, sources, packing, sampler, stream, loader,
+datamodule.
 
-from recipes.data.datamodule import DataConfig, PretrainDataModule
-from recipes.data.loader import RankStatefulDataLoader
-from recipes.data.packing import PackedSequences, StreamPacker, pack_tokens, split_inputs_labels
-from recipes.data.sampler import GlobalBatchSampler
-from recipes.data.stream import PackedStream
-from recipes.data.tokenizer import TextTokenizer, load_tokenizer
-
-__all__ = [
-    "DataConfig",
-    "GlobalBatchSampler",
-    "PackedSequences",
-    "PackedStream",
-    "PretrainDataModule",
-    "RankStatefulDataLoader",
-    "StreamPacker",
-    "TextTokenizer",
-    "load_tokenizer",
-    "pack_tokens",
-    "split_inputs_labels",
-]
+Import the modules themselves (``from recipes.data.datamodule import PretrainDataModule``): this package file imports
+nothing, so that ``recipes.data.config`` loads without ``datasets``, ``lightning`` or ``torchdata``.
+"""

@@ -32,7 +32,6 @@ drops loader states on resume when `estimated_stepping_batches` has to load the 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import datasets
 import lightning.pytorch as pl
@@ -41,88 +40,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from recipes.data import sources
+from recipes.data.config import C4_DEFAULT_VAL_TOKENS, DataConfig
 from recipes.data.corpus import corpus_hash, load_corpus
 from recipes.data.loader import RankStatefulDataLoader
 from recipes.data.packing import PackedSequences, iter_packed, pack_tokens, split_inputs_labels
 from recipes.data.sampler import GlobalBatchSampler
 from recipes.data.stream import PackedStream
 from recipes.data.tokenizer import EMBEDDED, TextTokenizer, load_tokenizer
-
-SOURCES: tuple[str, ...] = ("embedded", "files", "c4")
-# Validation cap of the C4 stream when `val_sequences` is None: about 10M tokens, as in the paper runs.
-C4_DEFAULT_VAL_TOKENS = 10_000_000
-
-
-@dataclass
-class DataConfig:
-    """Data pipeline settings.
-
-    Attributes:
-        source: "embedded" (stdlib corpus), "files" (local JSONL/text, held in memory) or "c4" (streamed).
-        train_files: local training files; required for "files"; for "c4" they replace the Hub download.
-        val_files: local validation files ("files": optional, else `holdout_every`; "c4" with
-            `train_files`: required).
-        holdout_every: k: every k-th document is validation ("embedded", and "files" without `val_files`).
-        tokenizer: "embedded" (a byte-level BPE of `vocab_size`, trained and cached: on the embedded
-            corpus, or on the training files for source "files"), a tokenizer.json path, or a Hub
-            name such as "t5-base" (the paper runs' tokenizer; needs network access).
-        vocab_size: BPE size when `tokenizer` is "embedded" (4096 suits the ~2M-character corpus).
-        eos_token: end-of-document token; None picks the first known one (`tokenizer.EOS_CANDIDATES`).
-        seq_len: T, tokens per input sequence (the paper runs use 256).
-        micro_batch_size: sequences per rank per forward pass.
-        num_workers: DataLoader worker processes per rank (0 = load in the training process).
-        seed: fixes the training order (map-style) or the shuffle (C4 with `shuffle_buffer` > 0).
-        val_sequences: cap on validation sequences, over all ranks; None = all held-out data
-            ("embedded"/"files") or about `C4_DEFAULT_VAL_TOKENS` tokens ("c4").
-        max_documents: use only the first N documents of the embedded corpus (quick runs, tests).
-        shuffle_buffer: "c4" only: `datasets` shuffle buffer (examples); 0 keeps stream order and
-            exact resume.
-        cache_dir: tokenizer cache root; None = `$LOWRANK_RECIPES_CACHE` or ~/.cache/lowrank-recipes.
-        c4_dataset: Hub dataset of the "c4" source.
-        c4_config: its configuration name.
-    """
-
-    source: str = "embedded"
-    train_files: list[str] | None = None
-    val_files: list[str] | None = None
-    holdout_every: int = 20
-    tokenizer: str = EMBEDDED
-    vocab_size: int = 4096
-    eos_token: str | None = None
-    seq_len: int = 256
-    micro_batch_size: int = 16
-    num_workers: int = 0
-    seed: int = 0
-    val_sequences: int | None = None
-    max_documents: int | None = None
-    shuffle_buffer: int = 0
-    cache_dir: str | None = None
-    c4_dataset: str = sources.C4_DATASET
-    c4_config: str = sources.C4_CONFIG
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.source not in SOURCES:
-            problems.append(f"source={self.source!r} is unknown; accepted values: {list(SOURCES)}")
-        if self.source == "files" and not self.train_files:
-            problems.append("source='files' needs train_files (a list of .jsonl/.json(.gz) or .txt(.gz) files)")
-        if self.source == "c4" and self.train_files and not self.val_files:
-            problems.append("source='c4' with local train_files needs val_files (the C4 validation split)")
-        for key in ("seq_len", "micro_batch_size"):
-            if getattr(self, key) < 1:
-                problems.append(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("num_workers", "shuffle_buffer"):
-            if getattr(self, key) < 0:
-                problems.append(f"{key} must be >= 0, got {getattr(self, key)}")
-        if self.holdout_every < 2:
-            problems.append(f"holdout_every must be >= 2, got {self.holdout_every}")
-        for key in ("val_sequences", "max_documents"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                problems.append(f"{key} must be None or >= 1, got {value}")
-        if problems:
-            raise ValueError("invalid DataConfig: " + "; ".join(problems))
-
 
 def rank_slice(dataset: Dataset, rank: int, world_size: int, cap: int | None = None) -> Subset:
     """Returns items r, r+W, ... of the first min(len, cap) items, truncated so every rank gets as many."""

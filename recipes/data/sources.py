@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import datasets
 from datasets.distributed import split_dataset_by_node
 
-C4_DATASET = "allenai/c4"
-C4_CONFIG = "en"
+from recipes.data.config import C4_CONFIG, C4_DATASET  # noqa: F401 (read as sources.C4_DATASET too)
+
 TEXT_FIELD = "text"
 
 # File name endings -> the `datasets` builder that reads them (compressed forms are read transparently).

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from recipes.data.config import EMBEDDED
 from recipes.data.corpus import corpus_hash, load_corpus
 
-EMBEDDED = "embedded"
 # The end-of-document token of the embedded BPE (id 0, its only special token).
 EMBEDDED_EOS = "<|endoftext|>"
 # End-of-document tokens looked up, in order, when a loaded tokenizer is given no `eos_token`:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+import lowrank
 from tests.bench.quick import run_quick
 
-SELECTORS = ("dominant", "importance", "random", "randomized_dominant", "randomized_importance")
+SELECTORS = tuple(lowrank.SELECTORS)  # every registered selector gets a step row, refresh rows and a layer total
 STEP_VARIANTS = {"adamw", "floor", "galore-torch", *(f"lowrank-{name}" for name in SELECTORS)}
 STEP_COLUMNS = {"model", "variant", "rank", "step_median_s", "step_quartiles_s", "floor_ratio", "galore_ratio",
                 "adamw_ratio", "state_bytes", "state_ratio"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lowrank
+from callbacks import RefreshSubscriber
 
 TAG = "lowrank/"
 
@@ -80,9 +81,18 @@ class RecordingLogger(Logger):
 
 
 def optimizer_config(rank: int = 4, update_gap: int = 3, selector: str = "importance",
-                     targets: Sequence[str] = ("fc1", "fc2"), lr: float = 1e-2) -> dict[str, Any]:
-    return {"name": "lowrank", "lr": lr,
-            "lowrank": {"rank": rank, "targets": list(targets), "update_gap": update_gap, "selector": selector}}
+                     targets: Sequence[str] = ("fc1", "fc2"), lr: float = 1e-2, stagger: int = 1,
+                     switch_at: float | None = None, switch_to: str | None = None,
+                     max_steps: int | None = None) -> dict[str, Any]:
+    """The optimizer section of a low-rank run: ``lowrank`` (what is projected, how) and ``refresh`` (when bases
+    refresh: the optimizer's ``RefreshSchedule``)."""
+    refresh: dict[str, Any] = {"update_gap": update_gap, "stagger": stagger}
+    if switch_at is not None or switch_to is not None:
+        refresh.update(switch_at=switch_at, switch_to=switch_to)
+    if max_steps is not None:
+        refresh["max_steps"] = max_steps
+    return {"name": "lowrank", "lr": lr, "lowrank": {"rank": rank, "targets": list(targets), "selector": selector},
+            "refresh": refresh}
 
 
 class Block(nn.Module):
@@ -119,8 +129,7 @@ class MLPModule(pl.LightningModule):
         return nn.functional.mse_loss(self(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        optimizer, _ = lowrank.build_optimizer(self, self.optimizer_config)
-        return optimizer
+        return lowrank.build_optimizer(self, self.optimizer_config)
 
 
 class FixedGradModule(pl.LightningModule):
@@ -141,8 +150,7 @@ class FixedGradModule(pl.LightningModule):
         return s * ((self.fc1.weight * self.g1).sum() + (self.fc2.weight * self.g2).sum())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        optimizer, _ = lowrank.build_optimizer(self, self.optimizer_config)
-        return optimizer
+        return lowrank.build_optimizer(self, self.optimizer_config)
 
 
 def regression_loader(width: int = 12, samples: int = 8, batch_size: int = 8) -> DataLoader:
@@ -167,20 +175,40 @@ def make_trainer(root: Path, max_steps: int, callbacks: list[pl.Callback], logge
 
 
 class RecordTap:
-    """A listener that keeps (step, name, selector, new basis, overlap, gradient) of every refreshed parameter."""
+    """A refresh listener ``(trainer, pl_module, records)`` that keeps (step, name, selector, new basis, overlap) of
+    every refreshed parameter, and the parameter's gradient where it still exists when the listener runs.
+
+    Listeners run at the end of the optimizer step, before Lightning's next ``zero_grad`` (which it calls before the
+    next backward): in an ordinary run the gradient is the one the step (and its refresh) used. Under per-layer updates
+    the gradients are freed inside backward: no gradient is kept then."""
 
     def __init__(self) -> None:
         self.rows: list[tuple[int, str, str, torch.Tensor, float | None]] = []
+        self.old_bases: list[torch.Tensor | None] = []
         self.grads: dict[tuple[int, str], torch.Tensor] = {}
 
     def __call__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, records: list) -> None:
         params = dict(pl_module.named_parameters())
         for r in records:
             self.rows.append((r.step, r.name, r.selector, r.new_basis.clone(), r.overlap))
-            self.grads[(r.step, r.name)] = params[r.name].grad.clone()
+            self.old_bases.append(r.old_basis)
+            grad = params[r.name].grad
+            if grad is not None:
+                self.grads[(r.step, r.name)] = grad.clone()
 
     def steps(self) -> list[int]:
         return sorted({row[0] for row in self.rows})
 
     def names_at(self, step: int) -> list[str]:
         return [row[1] for row in self.rows if row[0] == step]
+
+
+class Tap(RefreshSubscriber):
+    """Attaches a :class:`RecordTap` (or any ``(trainer, pl_module, records)`` listener) to the run's optimizer."""
+
+    def __init__(self, listener: Callable[[pl.Trainer, pl.LightningModule, list], Any] | None = None) -> None:
+        super().__init__()
+        self.listener = listener if listener is not None else RecordTap()
+
+    def on_refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule, records: list) -> None:
+        self.listener(trainer, pl_module, records)

@@ -12,8 +12,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks import SubspaceOverlapMonitor, SubspaceResampler
 from callbacks.overlap_figure import natural_key, render_overlap_figure
-from callbacks.overlap_monitor import IMAGE_TAG, layer_label, module_type, normalized_overlap, overlap_metrics
+from callbacks.overlap_monitor import IMAGE_TAG
 from lowrank import RefreshRecord
+from lowrank.overlap import layer_label, module_type, normalized_overlap, overlap_metrics
 from tests.callbacks.helpers import (
     WARNING_FILTERS, FixedGradModule, MLPModule, RecordingLogger, make_trainer, optimizer_config, regression_loader,
     scalar_loader,
@@ -59,10 +60,10 @@ def test_overlap_metrics_exact_values() -> None:
 
 
 def test_staggered_aggregates_use_every_weights_latest_overlap(tmp_path: Path) -> None:
-    module = MLPModule(optimizer_config(update_gap=4), blocks=2)
+    module = MLPModule(optimizer_config(update_gap=4, stagger=2), blocks=2)
     logger = RecordingLogger()
     monitor = SubspaceOverlapMonitor(per_layer=True, image_interval=None)
-    make_trainer(tmp_path, 7, [SubspaceResampler(stagger=2), monitor], logger).fit(module, regression_loader())
+    make_trainer(tmp_path, 7, [SubspaceResampler(), monitor], logger).fit(module, regression_loader())
     # Overlaps: layers.1 at 2 and 6, layers.0 at 4. At 2 only layers.1 has one; from 4 on both layers count.
     at2, at4, at6 = logger.at(2), logger.at(4), logger.at(6)
     layer = "lowrank/overlap_layer/layers.{}.{}.weight"
@@ -150,3 +151,25 @@ def test_render_handles_gaps_and_many_layers() -> None:
     cells = {(f"layers.{i}", kind): 0.5 for i in range(20) for kind in ("q_proj", "down_proj") if (i + len(kind)) % 3}
     image = render_overlap_figure(cells, [(10, {"q_proj": 0.4}), (20, {"q_proj": 0.5, "down_proj": 0.7})], 0.25, 20)
     assert image.dtype == np.uint8 and image.shape[2] == 3
+
+
+def test_the_monitor_needs_no_resampler(tmp_path: Path) -> None:
+    # Without a SubspaceResampler the optimizer refreshes on its own schedule inside step(): the monitor, a refresh
+    # listener of the optimizer, logs the same overlaps at the same steps as with the resampler.
+    def run(root: Path, callbacks: list) -> RecordingLogger:
+        module = MLPModule(optimizer_config(update_gap=2, stagger=2, selector="importance"), blocks=2)
+        logger = RecordingLogger()
+        make_trainer(root, 9, callbacks, logger).fit(module, regression_loader(samples=16, batch_size=4))
+        return logger
+
+    monitor = SubspaceOverlapMonitor(per_layer=True, image_interval=None)
+    alone = run(tmp_path / "alone", [monitor])
+    both = run(tmp_path / "both", [SubspaceResampler(), SubspaceOverlapMonitor(per_layer=True, image_interval=None)])
+    # update_gap 2, stagger 2: layers.0 at 0, 2, 4, ...; layers.1 at 0 (first basis), 1, 3, 5, ...
+    assert alone.steps("lowrank/overlap/mean") == list(range(1, 9))
+    assert alone.steps("lowrank/refresh_seconds") == []
+    assert both.steps("lowrank/refresh_seconds") == list(range(9))
+    overlap_calls = [(step, metrics) for step, metrics in both.lowrank_calls()
+                     if any(k.startswith("lowrank/overlap") for k in metrics)]
+    assert alone.lowrank_calls() == overlap_calls
+    assert monitor.num_refreshes == 8

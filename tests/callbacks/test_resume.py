@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import SubspaceOverlapMonitor, SubspaceResampler
 from tests.callbacks.helpers import (
-    WARNING_FILTERS, MLPModule, RecordingLogger, RecordTap, make_trainer, optimizer_config, regression_loader,
+    WARNING_FILTERS, MLPModule, RecordingLogger, RecordTap, Tap, make_trainer, optimizer_config, regression_loader,
 )
 
 pytestmark = [*WARNING_FILTERS, pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")]
@@ -18,12 +19,12 @@ pytestmark = [*WARNING_FILTERS, pytest.mark.filterwarnings("ignore:Be aware that
 MAX_STEPS, STOP = 10, 5
 
 
-def run(root: Path, max_steps: int, ckpt_path: str | None = None, every: int | None = None):
-    module = MLPModule(optimizer_config(update_gap=3, selector="importance"), blocks=2)
+def run(root: Path, max_steps: int, ckpt_path: str | None = None, every: int | None = None, update_gap: int = 3,
+        stagger: int = 2):
+    module = MLPModule(optimizer_config(update_gap=update_gap, stagger=stagger, selector="importance"), blocks=2)
     logger, tap = RecordingLogger(), RecordTap()
-    resampler, monitor = SubspaceResampler(stagger=2), SubspaceOverlapMonitor(per_layer=True, image_interval=None)
-    resampler.subscribe(tap)
-    callbacks = [resampler, monitor]
+    resampler, monitor = SubspaceResampler(), SubspaceOverlapMonitor(per_layer=True, image_interval=None)
+    callbacks = [resampler, monitor, Tap(tap)]
     if every:
         callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=every, save_top_k=-1))
     trainer = make_trainer(root, max_steps, callbacks, logger, enable_checkpointing=bool(every))
@@ -56,8 +57,16 @@ def test_resume_repeats_the_uninterrupted_refresh_steps_and_bases(tmp_path: Path
         assert torch.equal(p, q), name
 
 
-def test_resuming_with_another_schedule_warns() -> None:
-    state = SubspaceResampler(stagger=2).state_dict()
-    resampler = SubspaceResampler(update_gap=5)
-    with pytest.warns(UserWarning, match=r"another schedule \(update_gap=None -> 5, stagger=2 -> 1\)"):
-        resampler.load_state_dict(state)
+def test_resuming_with_another_schedule_warns(tmp_path: Path) -> None:
+    run(tmp_path / "stop", STOP, every=STOP)
+    (ckpt,) = (tmp_path / "stop" / "ckpt").glob("*.ckpt")
+    saved = torch.load(ckpt, weights_only=True)["callbacks"]["SubspaceResampler"]
+    assert {k: saved[k] for k in ("update_gap", "stagger", "switch_at", "switch_to")} == {
+        "update_gap": 3, "stagger": 2, "switch_at": None, "switch_to": None}
+    with pytest.warns(UserWarning, match=r"another refresh schedule \(update_gap=3 -> 5, stagger=2 -> 1\)"):
+        run(tmp_path / "resume", MAX_STEPS, ckpt_path=str(ckpt), update_gap=5, stagger=1)
+    # The same schedule resumes silently.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(tmp_path / "same", MAX_STEPS, ckpt_path=str(ckpt))
+    assert not [w for w in caught if "another refresh schedule" in str(w.message)]

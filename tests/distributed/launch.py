@@ -45,7 +45,7 @@ TINY = [
     "model.vocab_size=384", "model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=2",
     "model.num_layers=2", "model.max_seq_len=32", "data.vocab_size=384", "data.seq_len=32", "data.max_documents=20",
     "data.micro_batch_size=4", "data.val_sequences=8", "trainer.global_batch_size=8", "optimizer.lowrank.rank=8",
-    "optimizer.lowrank.update_gap=4", "trainer.val_every_n_steps=100", "trainer.log_every_n_steps=1",
+    "optimizer.refresh.update_gap=4", "trainer.val_every_n_steps=100", "trainer.log_every_n_steps=1",
     f"trainer.max_steps={STEPS}", "trainer.checkpoint_every_n_steps=3", "trainer.accelerator=cpu",
 ]
 

@@ -8,13 +8,13 @@ single process accumulates 2 micro-batches per step, each rank takes one. ``upda
 
 * Per-step global mean losses, final weights and bases of 1 process and 2 ranks agree to fp32 tolerance, for the
   dominant and the importance selector (measured on this machine: bitwise equal; DDP's pre-divided all-reduce of
-  two gradients g1/2 + g2/2 is what accumulating loss/2 over two micro-batches computes). DESIGN.md allows drift
+  two gradients g1/2 + g2/2 is what accumulating loss/2 over two micro-batches computes). docs/reference.md allows drift
   after the second refresh; none was seen, so the comparison stays strict over all 12 steps.
 * Every rank ends with bitwise identical bases and weights.
 * A 2-rank run stopped at step 6 (after the refresh at step 4, before the one at step 8) and resumed from its
   ``last.ckpt`` (``resume=auto``) repeats the uninterrupted 2-rank run's losses, bases and weights exactly.
 * Every checkpoint of the 2-rank runs loads with ``torch.load(weights_only=True)``.
-* With ``subspace.split_across_ranks=true`` (each rank computes half of a refresh's SVDs and broadcasts the bases),
+* With ``optimizer.refresh.split_across_ranks=true`` (each rank computes half of a refresh's SVDs and broadcasts the bases),
   the 2-rank dominant run repeats the unsplit 2-rank run bitwise (losses, weights, bases; identical on both ranks)
   and so equals the 1-process reference to fp32 tolerance.
 * The recipe's own entry point started by the launchers the README shows, ``torchrun --standalone --nproc_per_node 2
@@ -53,7 +53,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
                        "--main-port", str(free_port())],
     }
     return run_matrix(tmp_path_factory, "ddp-recipe", DDP, SELECTORS, launchers=launchers,
-                      variants={"split-svd": ("subspace.split_across_ranks=true",)})
+                      variants={"split-svd": ("optimizer.refresh.split_across_ranks=true",)})
 
 
 def _logged_losses(out: Path) -> dict[int, float]:

@@ -71,8 +71,8 @@ def _optimizer(
          "side": side},
         {"params": [named[n] for n in plain], "param_names": plain},
     ]
-    return LowRankOptimizer(groups, lr=0.01, weight_decay=0.01, selector=selector, update_gap=GAP, alpha=0.25,
-                            fira=fira, moment_policy=policy, seed=3)
+    return LowRankOptimizer(groups, lr=0.01, weight_decay=0.01, selector=selector, schedule={"update_gap": GAP},
+                            alpha=0.25, fira=fira, moment_policy=policy, seed=3)
 
 
 def _half_loss(model: nn.Module, step: int, half: int) -> torch.Tensor:
@@ -250,4 +250,4 @@ def test_full_state_dict_round_trip_resumes_exactly(ranks: list[dict], key: str)
 
 def test_left_side_refused(ranks: list[dict]) -> None:
     for out in ranks:
-        assert out["left_error"] is not None and out["left_error"].startswith("side:")
+        assert out["left_error"] is not None and "side: 'left' is not supported" in out["left_error"]

@@ -41,9 +41,10 @@ def _model() -> nn.Module:
 
 def _optimizer(model: nn.Module, selector: str) -> LowRankOptimizer:
     groups = [{"params": list(model.parameters()), "param_names": NAMES, "rank": RANK}]
-    opt = LowRankOptimizer(groups, lr=0.01, selector=selector, update_gap=1000, moment_policy="rotate", seed=5)
-    opt.auto_refresh = False  # only resample() refreshes, as under the SubspaceResampler
-    return opt
+    # update_gap 10: resample(step=0) and resample(step=10) are the scheduled refreshes (every parameter due), and the
+    # step() after each does not refresh again, as under the SubspaceResampler
+    return LowRankOptimizer(groups, lr=0.01, selector=selector, schedule={"update_gap": 10}, moment_policy="rotate",
+                            seed=5)
 
 
 def _set_grads(model: nn.Module, step: int) -> None:

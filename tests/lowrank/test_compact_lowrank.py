@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank import BASES, LowRankOptimizer
+from lowrank import BASES, LowRankOptimizer, RefreshSchedule
 from lowrank.compact_adamw import CompactAdamW
 from lowrank.moment_storage import read_moment, store_moment
 from lowrank.moments import apply_moment_policy
@@ -34,12 +34,12 @@ class LeastSquares(nn.Module):
         return (self.x[rows] @ self.weight.T + self.bias - self.y[rows]).square().mean()
 
 
-def _train(base, steps: int = 20, **lowrank) -> tuple[LeastSquares, LowRankOptimizer]:
+def _train(base, steps: int = 20, update_gap: int = 1000, **lowrank) -> tuple[LeastSquares, LowRankOptimizer]:
     model = LeastSquares()
-    options = {"alpha": 1.0, "update_gap": 1000, **lowrank}
+    options = {"alpha": 1.0, **lowrank}
     opt = LowRankOptimizer(
         [{"params": [model.weight], "rank": 32}, {"params": [model.bias]}],
-        lr=0.01, weight_decay=0.01, base=base, **options,
+        lr=0.01, weight_decay=0.01, base=base, schedule=RefreshSchedule(update_gap=update_gap), **options,
     )
     for step in range(steps):
         opt.zero_grad()
@@ -116,7 +116,7 @@ def test_8bit_state_resumes_bit_exactly_across_a_resample():
             [{"params": [layers[0].weight, layers[1].weight], "rank": 8, "param_names": ["a", "b"]},
              {"params": [layers[0].bias, layers[1].bias], "param_names": ["c", "d"]}],
             lr=0.01, base="adamw8bit", base_options={"min_8bit_size": 0, "block_size": 32}, selector="importance",
-            update_gap=3, moment_policy="rotate", fira=True, seed=5,
+            schedule=RefreshSchedule(update_gap=3), moment_policy="rotate", fira=True, seed=5,
         )
         return layers, opt
 
@@ -195,7 +195,7 @@ def c4_60m_shapes() -> dict[str, tuple[int, ...]]:
 
 def test_c4_60m_8bit_state_is_under_30_percent_of_fp32():
     shapes, targets = c4_60m_shapes(), tuple(f"{k}_proj" for k in ("q", "k", "v", "o", "gate", "up", "down"))
-    assert sum(torch.Size(s).numel() for s in shapes.values()) == 58_073_600  # DESIGN.md: 58.1M
+    assert sum(torch.Size(s).numel() for s in shapes.values()) == 58_073_600  # docs/reference.md: 58.1M
     fp32 = _lowrank_state_bytes(shapes, targets, 128, "adamw")
     int8 = _lowrank_state_bytes(shapes, targets, 128, "adamw8bit")
     total = sum(sum(v) for v in int8.values()) / sum(sum(v) for v in fp32.values())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank import LowRankOptimizer
+from lowrank import LowRankOptimizer, RefreshSchedule
 
 from .helpers import random_orthonormal
 
@@ -30,7 +30,7 @@ def test_identity_basis_full_rank_matches_torch_adamw(fixed_selector, shape, wei
     w_ref, b_ref = weight.clone(), bias.clone()
     opt = LowRankOptimizer(
         [{"params": [weight], "rank": min(shape)}, {"params": [bias]}],
-        lr=LR, weight_decay=weight_decay, alpha=1.0, selector="test_fixed", update_gap=2,
+        lr=LR, weight_decay=weight_decay, alpha=1.0, selector="test_fixed", schedule=RefreshSchedule(update_gap=2),
         base_options={"betas": BETAS, "eps": EPS},
     )
     ref = torch.optim.AdamW([w_ref, b_ref], lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay)

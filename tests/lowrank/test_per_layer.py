@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lowrank.optimizer import LowRankOptimizer
+from lowrank.schedule import RefreshSchedule
 from lowrank.per_layer import enable_per_layer
 
 
@@ -39,15 +40,18 @@ def loss_of(model: nn.Module, step: int) -> torch.Tensor:
     return nn.functional.mse_loss(model(tokens), target)
 
 
-def make(model: nn.Module, selector: str = "importance", base: str = "adamw", **extra) -> LowRankOptimizer:
+def make(
+    model: nn.Module, selector: str = "importance", base: str = "adamw", schedule: RefreshSchedule | None = None,
+    **extra,
+) -> LowRankOptimizer:
     lowrank = [model.fc1.weight, model.fc2.weight]
     plain = [p for p in model.parameters() if all(p is not q for q in lowrank)]
     groups = [
-        {"params": lowrank, "param_names": ["fc1.weight", "fc2.weight"], "rank": 3, "update_gap": 2,
-         "selector": selector, **extra},
+        {"params": lowrank, "param_names": ["fc1.weight", "fc2.weight"], "rank": 3, "selector": selector, **extra},
         {"params": plain, "param_names": [f"plain{i}" for i in range(len(plain))], "weight_decay": 0.0},
     ]
-    return LowRankOptimizer(groups, base=base, lr=1e-2, weight_decay=0.1)
+    schedule = RefreshSchedule(update_gap=2) if schedule is None else schedule
+    return LowRankOptimizer(groups, base=base, lr=1e-2, weight_decay=0.1, schedule=schedule)
 
 
 def run_ordinary(
@@ -110,6 +114,57 @@ def test_fira_and_rotate_match_too() -> None:
     model, _ = run_per_layer("dominant", "adamw", None, steps=4, fira=True, moment_policy="rotate")
     for ref, got in zip(ref_model.parameters(), model.parameters()):
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_stagger_and_switch_match_ordinary_step() -> None:
+    # Two low-rank weights, T = 2, stagger 2: fc1 (slice 0, offset 0) at steps 0, 2, 4; fc2 (slice 1, offset 1) at
+    # 0 (no basis yet), 1, 3, 5. Switch at ceil(0.5 * 6) = 3: importance before, random from step 3 on.
+    schedule = RefreshSchedule(update_gap=2, stagger=2, switch_at=0.5, switch_to="random", max_steps=6)
+    expected = {
+        0: {("fc1.weight", "importance"), ("fc2.weight", "importance")},
+        1: {("fc2.weight", "importance")},
+        2: {("fc1.weight", "importance")},
+        3: {("fc2.weight", "random")},
+        4: {("fc1.weight", "random")},
+        5: {("fc2.weight", "random")},
+    }
+    seen: dict[str, list] = {"ordinary": [], "per_layer": []}
+
+    def make_listener(kind: str):
+        return lambda opt, records: seen[kind].extend(records)
+
+    def run(kind: str) -> nn.Module:
+        model = Tiny()
+        opt = make(model, "importance", schedule=schedule)
+        opt.register_refresh_listener(make_listener(kind))
+        if kind == "per_layer":
+            enable_per_layer(opt)
+        for step in range(6):
+            opt.zero_grad()
+            if kind == "per_layer":
+                opt.step(lambda: loss_of(model, step).backward())
+            else:
+                loss_of(model, step).backward()
+                opt.step()
+        return model
+
+    ref_model, model = run("ordinary"), run("per_layer")
+    for (name, ref), (_, got) in zip(ref_model.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7, msg=name)
+    for kind, records in seen.items():
+        got = {}
+        for record in records:
+            got.setdefault(record.step, set()).add((record.name, record.selector))
+        assert got == expected, kind
+    ordinary = {(r.name, r.step): r for r in seen["ordinary"]}
+    for record in seen["per_layer"]:
+        assert record.old_basis is None  # freed inside backward
+        twin = ordinary[(record.name, record.step)]
+        if twin.old_basis is None:
+            assert record.overlap is None
+        else:
+            assert record.overlap == pytest.approx(twin.overlap, rel=1e-5, abs=1e-6)
+        torch.testing.assert_close(record.new_basis, twin.new_basis, rtol=1e-5, atol=1e-6)
 
 
 def test_refresh_happens_in_backward_on_schedule() -> None:
@@ -217,15 +272,17 @@ def test_one_backward_per_step_is_fine() -> None:
 
 
 def test_outside_schedule_is_refused() -> None:
+    # A split refresh has nothing to split inside backward, and resample() would find no gradients.
     model = Tiny()
-    opt = make(model)
-    opt.auto_refresh = False
-    with pytest.raises(ValueError, match="auto_refresh is False"):
+    opt = make(model, schedule=RefreshSchedule(update_gap=2, split_across_ranks=True))
+    with pytest.raises(ValueError, match="split_across_ranks is True"):
         enable_per_layer(opt)
-    opt.auto_refresh = True
+    opt.schedule = RefreshSchedule(update_gap=2)
     enable_per_layer(opt)
     with pytest.raises(RuntimeError, match="resample\\(\\) cannot run with per-layer updates"):
         opt.resample()
+    with pytest.raises(RuntimeError, match="resample\\(\\) cannot run with per-layer updates"):
+        opt.resample(params=["fc1.weight"])
 
 
 @pytest.mark.parametrize("clip", [0, -1.0, "1", True, float("nan")])

@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from lowrank import SELECTORS, LowRankOptimizer
+from lowrank import SELECTORS, LowRankOptimizer, RefreshSchedule
 
 LR, ALPHA, WD, BETAS, EPS, GAMMA = 0.02, 0.25, 0.01, (0.9, 0.95), 1e-8, 1.01
 
@@ -75,7 +75,7 @@ def test_optimizer_matches_float64_reference(selector, side, policy, fira):
     initial = weight.clone()
     opt = LowRankOptimizer(
         [{"params": [weight], "rank": rank}],
-        lr=LR, weight_decay=WD, alpha=ALPHA, selector=selector, side=side, update_gap=3,
+        lr=LR, weight_decay=WD, alpha=ALPHA, selector=selector, side=side, schedule=RefreshSchedule(update_gap=3),
         moment_policy=policy, fira=fira, fira_gamma=GAMMA, base_options={"betas": BETAS, "eps": EPS},
     )
     bases = []

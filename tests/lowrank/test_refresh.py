@@ -1,4 +1,4 @@
-"""Refreshing bases: the self-schedule, resample(), degenerate gradients, the closure and the randomness rule."""
+"""Refreshing bases: the optimizer's schedule, resample(), degenerate gradients, the closure and the randomness rule."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank import LowRankOptimizer, subspace_overlap
+from lowrank import LowRankOptimizer, RefreshSchedule, subspace_overlap
+
+NEVER = RefreshSchedule(update_gap=10**9)  # step() refreshes only at step 0 and where a parameter has no basis
 
 
 def _opt(params, **kwargs) -> LowRankOptimizer:
@@ -32,46 +34,93 @@ def _bases_over(opt, weight, steps, grad_fn):
     return bases
 
 
-def test_auto_refresh_every_update_gap_steps_only():
+def test_step_refreshes_every_update_gap_steps_only():
     weight = nn.Parameter(torch.zeros(10, 8))
-    opt = _opt([weight], selector="dominant", update_gap=4)
+    opt = _opt([weight], selector="dominant", schedule=RefreshSchedule(update_gap=4))
     bases = _bases_over(opt, weight, 10, lambda s: _grad((10, 8), s))
     changed = [s for s in range(1, 10) if not torch.equal(bases[s], bases[s - 1])]
     assert changed == [4, 8]
 
 
-def test_external_schedule_never_refreshes_inside_step():
+def _dominant_projector(grad: torch.Tensor, rank: int) -> torch.Tensor:
+    """Float64 oracle: projector onto the top-``rank`` right singular vectors of G (m >= n: right side)."""
+    _, _, vh = torch.linalg.svd(grad.double(), full_matrices=False)
+    v = vh[:rank].T
+    return v @ v.T
+
+
+def test_step_does_not_refresh_again_after_resample_ran_the_scheduled_refresh():
     weight = nn.Parameter(torch.zeros(10, 8))
-    opt = _opt([weight], selector="dominant", update_gap=1, auto_refresh=False)
+    opt = _opt([weight], selector="dominant", schedule=RefreshSchedule(update_gap=1))  # every step is due
+    delivered = []
+    opt.register_refresh_listener(lambda o, records: delivered.append([(r.name, r.step) for r in records]))
+    for step in range(4):
+        weight.grad = _grad((10, 8), step)
+        (record,) = opt.resample()  # the step's scheduled refresh, run early, from this gradient
+        assert (record.name, record.step, record.selector) == ("group0.param0", step, "dominant")
+        weight.grad = _grad((10, 8), 100 + step)  # a refresh inside step() would pick this gradient's subspace
+        opt.step()
+        basis = opt.state[weight]["lowrank_basis"].double()
+        torch.testing.assert_close(basis @ basis.T, _dominant_projector(_grad((10, 8), step), 3), rtol=0, atol=1e-5)
+        assert delivered[-1] == [("group0.param0", step)]  # one refresh per step, delivered after it
+    assert len(delivered) == 4
+
+
+def test_resample_params_is_a_manual_refresh_outside_the_schedule():
+    weight = nn.Parameter(torch.zeros(10, 8))
+    opt = _opt([weight], selector="dominant", schedule=NEVER)
     bases = _bases_over(opt, weight, 5, lambda s: _grad((10, 8), s))
     assert all(torch.equal(b, bases[0]) for b in bases)  # only the first basis, created at the first step
     weight.grad = _grad((10, 8), 99)
-    records = opt.resample()
+    assert opt.resample() == []  # step 5 is not due: the schedule's refresh is empty
+    assert torch.equal(opt.state[weight]["lowrank_basis"], bases[-1])
+    records = opt.resample(params=[weight])
     assert len(records) == 1
     record = records[0]
     assert record.name == "group0.param0" and record.step == 5 and record.selector == "dominant"
     assert torch.equal(record.old_basis, bases[-1]) and torch.equal(record.new_basis, opt.state[weight]["lowrank_basis"])
-    expected = float((bases[-1].double().T @ record.new_basis.double()).square().sum()) / 3
+    new = record.new_basis.double()
+    torch.testing.assert_close(new @ new.T, _dominant_projector(_grad((10, 8), 99), 3), rtol=0, atol=1e-5)
+    expected = float((bases[-1].double().T @ new).square().sum()) / 3
     assert record.overlap == pytest.approx(expected) and 0.0 <= record.overlap <= 1.0
     assert record.chance == pytest.approx(3 / 8)
+    weight.grad = _grad((10, 8), 7)
+    opt.step()  # not due: keeps the manual basis
+    assert torch.equal(opt.state[weight]["lowrank_basis"], record.new_basis)
+
+
+def test_manual_resample_does_not_replace_the_scheduled_refresh():
+    weight = nn.Parameter(torch.zeros(10, 8))
+    opt = _opt([weight], selector="dominant", schedule=RefreshSchedule(update_gap=2))
+    delivered = []
+    opt.register_refresh_listener(lambda o, records: delivered.append([(r.name, r.step) for r in records]))
+    for step in range(3):
+        weight.grad = _grad((10, 8), step)
+        if step == 2:
+            opt.resample(params=["group0.param0"])  # manual, at a due step: step() still runs the schedule's
+            weight.grad = _grad((10, 8), 50)
+        opt.step()
+    assert delivered == [[("group0.param0", 0)], [("group0.param0", 2), ("group0.param0", 2)]]
+    basis = opt.state[weight]["lowrank_basis"].double()
+    torch.testing.assert_close(basis @ basis.T, _dominant_projector(_grad((10, 8), 50), 3), rtol=0, atol=1e-5)
 
 
 def test_resample_subset_by_name_or_tensor_and_selector_override():
     a, b = nn.Parameter(torch.zeros(6, 5)), nn.Parameter(torch.zeros(7, 5))
-    opt = _opt([a, b], names=["layers.0.q_proj.weight", "layers.0.k_proj.weight"], auto_refresh=False)
+    opt = _opt([a, b], names=["layers.0.q_proj.weight", "layers.0.k_proj.weight"], schedule=NEVER)
     a.grad, b.grad = _grad((6, 5), 1), _grad((7, 5), 2)
     assert [r.name for r in opt.resample(params=["layers.0.k_proj.weight"])] == ["layers.0.k_proj.weight"]
     assert [r.name for r in opt.resample(params=[a])] == ["layers.0.q_proj.weight"]
     (record,) = opt.resample(params=[a], selector="random")
     assert record.selector == "random"
     b.grad = None
-    assert [r.name for r in opt.resample()] == ["layers.0.q_proj.weight"]  # no gradient: not refreshed
+    assert [r.name for r in opt.resample()] == ["layers.0.q_proj.weight"]  # step 0 is due; b has no gradient
 
 
 @pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
 def test_degenerate_gradient_keeps_the_old_basis_and_warns(bad):
     weight = nn.Parameter(torch.zeros(6, 5))
-    opt = _opt([weight], names=["blocks.3.mlp.up_proj.weight"], auto_refresh=False)
+    opt = _opt([weight], names=["blocks.3.mlp.up_proj.weight"], schedule=RefreshSchedule(update_gap=1))
     weight.grad = _grad((6, 5), 0)
     opt.step()
     old = opt.state[weight]["lowrank_basis"].clone()
@@ -107,7 +156,7 @@ def test_state_initialising_lr_zero_step_makes_placeholders_silently():
     assert opt.param_groups[0]["lr"] != 0  # restored
     weight.grad = torch.zeros(6, 5)
     with pytest.warns(UserWarning, match="old basis is kept"):  # a real zero gradient later still warns
-        opt.resample()
+        assert opt.resample(params=[weight]) == []
 
 
 def test_closure_runs_before_gradients_are_read():
@@ -136,7 +185,7 @@ def test_draws_follow_the_randomness_rule():
 
     def basis(seed, name, step=0, selector="importance"):
         w = nn.Parameter(torch.zeros(12, 9))
-        opt = _opt([w], seed=seed, names=[name], selector=selector, rank=4, auto_refresh=False)
+        opt = _opt([w], seed=seed, names=[name], selector=selector, rank=4, schedule=NEVER)
         w.grad = g.clone()
         opt.resample(step=step)
         return opt.state[w]["lowrank_basis"]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+from typing import ClassVar
 
 import pytest
 import torch
+from torch import nn
 
-from lowrank.selectors import SELECTORS, is_refreshable, make_selector
+from lowrank import LowRankOptimizer, RefreshSchedule
+from lowrank.selectors import SELECTORS, SubspaceSelector, is_refreshable, make_selector, register_selector
 
 NAMES = ("dominant", "importance", "random", "randomized_dominant", "randomized_importance")
 SVD_BASED = ("dominant", "importance", "randomized_dominant", "randomized_importance")
@@ -71,9 +75,128 @@ def test_make_selector_passes_options_to_selectors_that_have_them(name):
 
 
 @pytest.mark.parametrize("name", ["dominant", "importance", "random"])
-def test_make_selector_drops_options_for_selectors_without_them(name):
-    selector = make_selector(name, oversampling=3, power_iters=5)
-    assert not hasattr(selector, "oversampling") and not hasattr(selector, "power_iters")
+def test_make_selector_refuses_options_of_selectors_without_them(name):
+    with pytest.raises(ValueError) as info:
+        make_selector(name, oversampling=3)
+    message = str(info.value)
+    assert "oversampling" in message and repr(name) in message
+    assert "accepted: none" in message  # the rule declares no options
+    make_selector(name)  # without options it builds
+
+
+@pytest.mark.parametrize("name", ["randomized_dominant", "randomized_importance"])
+def test_make_selector_refuses_an_unknown_option_naming_the_accepted_ones(name):
+    with pytest.raises(ValueError) as info:
+        make_selector(name, oversampling=3, power_iter=5)  # typo of power_iters
+    message = str(info.value)
+    assert "power_iter:" in message or "power_iter " in message, message
+    assert "accepted: oversampling | power_iters" in message
+
+
+@pytest.mark.parametrize("name", ["randomized_dominant", "randomized_importance"])
+@pytest.mark.parametrize("option,value", [("oversampling", -1), ("power_iters", 1.5), ("oversampling", True)])
+def test_make_selector_refuses_invalid_option_values(name, option, value):
+    with pytest.raises(ValueError) as info:
+        make_selector(name, **{option: value})
+    assert f"{option}: invalid value {value!r}" in str(info.value) and "integer >= 0" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ register_selector
+@dataclasses.dataclass(frozen=True)
+class ShiftedAxes(SubspaceSelector):
+    """Test rule with one option: the coordinate axes ``shift .. shift + r - 1``; remembers the shifts it ran with."""
+
+    name: ClassVar[str] = "test_shifted_axes"
+    calls: ClassVar[list[int]] = []
+    shift: int = 0
+
+    def problems(self, prefix: str = "") -> list[str]:
+        ok = isinstance(self.shift, int) and self.shift >= 0
+        return [] if ok else [f"{prefix}.shift: invalid value {self.shift!r}; accepted: an integer >= 0"]
+
+    def _basis(self, grad: torch.Tensor, rank: int, generator: torch.Generator) -> torch.Tensor:
+        ShiftedAxes.calls.append(self.shift)
+        return torch.eye(grad.shape[0], dtype=grad.dtype)[:, self.shift : self.shift + rank]
+
+
+@pytest.fixture
+def shifted_axes():
+    ShiftedAxes.calls.clear()
+    try:
+        yield register_selector(ShiftedAxes)
+    finally:
+        SELECTORS.pop(ShiftedAxes.name, None)
+        ShiftedAxes.calls.clear()
+
+
+def test_register_selector_adds_a_rule_with_options(shifted_axes):
+    assert shifted_axes is ShiftedAxes  # usable as a decorator
+    assert SELECTORS["test_shifted_axes"] is ShiftedAxes
+    selector = make_selector("test_shifted_axes", shift=2)
+    assert isinstance(selector, ShiftedAxes) and selector.shift == 2
+    assert make_selector("test_shifted_axes").shift == 0
+    basis = selector.select(torch.ones(7, 4), 3, gen(0))
+    assert torch.equal(basis, torch.eye(7)[:, 2:5])
+    with pytest.raises(ValueError) as info:
+        make_selector("test_shifted_axes", offset=2)
+    assert "offset" in str(info.value) and "accepted: shift" in str(info.value)
+    with pytest.raises(ValueError, match="shift: invalid value -1"):
+        make_selector("test_shifted_axes", shift=-1)
+
+
+def test_selector_options_reach_a_registered_rule_through_the_optimizer(shifted_axes):
+    weight = nn.Parameter(torch.zeros(9, 6))  # m >= n: right side, oriented gradient (6, 9), basis (6, 2)
+    opt = LowRankOptimizer(
+        [{"params": [weight], "rank": 2, "selector": "test_shifted_axes",
+          "selector_options": {"test_shifted_axes": {"shift": 3}}}],
+        lr=0.01,
+    )
+    weight.grad = torch.randn(9, 6, generator=gen(1))
+    opt.step()
+    assert ShiftedAxes.calls == [3]
+    assert torch.equal(opt.state[weight]["lowrank_basis"], torch.eye(6)[:, 3:5])
+
+
+def test_selector_options_of_the_switch_rule_are_its_own(shifted_axes):
+    # importance until step 2, then the registered rule with its own options (keyed by its name).
+    weight = nn.Parameter(torch.zeros(9, 6))
+    opt = LowRankOptimizer(
+        [{"params": [weight], "rank": 2, "selector": "importance",
+          "selector_options": {"test_shifted_axes": {"shift": 1}}}],
+        lr=0.01, schedule=RefreshSchedule(update_gap=2, switch_at=0.5, switch_to="test_shifted_axes", max_steps=4),
+    )
+    for step in range(3):
+        weight.grad = torch.randn(9, 6, generator=gen(step))
+        opt.step()
+    assert ShiftedAxes.calls == [1]  # steps 0 (importance) and 2 (switched)
+    assert torch.equal(opt.state[weight]["lowrank_basis"], torch.eye(6)[:, 1:3])
+
+
+def test_unknown_selector_option_in_the_optimizer_is_named(shifted_axes):
+    group = {"params": [nn.Parameter(torch.zeros(9, 6))], "rank": 2, "selector": "test_shifted_axes"}
+    with pytest.raises(ValueError) as info:
+        LowRankOptimizer([{**group, "selector_options": {"test_shifted_axes": {"offset": 3}}}])
+    message = str(info.value)
+    assert "selector_options.test_shifted_axes.offset" in message and "accepted: shift" in message
+    with pytest.raises(ValueError, match="selector_options.test_shifted_axes.shift: invalid value -2"):
+        LowRankOptimizer([{**group, "selector_options": {"test_shifted_axes": {"shift": -2}}}])
+
+
+def test_register_selector_refuses_what_is_not_a_selector():
+    class NotASelector:
+        name = "test_not_a_selector"
+
+        def select(self, grad, rank, generator):
+            return None
+
+    class Nameless(SubspaceSelector):
+        def _basis(self, grad, rank, generator):
+            return grad[:, :rank]
+
+    for bad in (NotASelector, Nameless, make_selector("dominant"), "dominant"):
+        with pytest.raises(ValueError, match="register_selector"):
+            register_selector(bad)
+    assert "test_not_a_selector" not in SELECTORS and None not in SELECTORS
 
 
 def test_options_change_the_randomized_result():

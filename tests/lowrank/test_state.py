@@ -38,16 +38,18 @@ CONFIG = {
     "name": "lowrank",
     "lr": 0.01,
     "lowrank": {
-        "rank": 4, "update_gap": 3, "selector": "importance", "fira": True, "moment_policy": "rotate",
+        "rank": 4, "selector": "importance", "fira": True, "moment_policy": "rotate",
         "targets": ["q_proj", "up_proj", "down_proj"], "seed": 17,
     },
+    "refresh": {"update_gap": 3},
 }
 
 
 def test_state_bytes_formula():
     torch.manual_seed(0)
     model = TinyLlamaBlock()
-    opt, table = build_optimizer(model, {**CONFIG, "lowrank": {**CONFIG["lowrank"], "fira": False}})
+    opt = build_optimizer(model, {**CONFIG, "lowrank": {**CONFIG["lowrank"], "fira": False}})
+    table = opt.group_table
     _loss(model, 0).backward()
     opt.step()
     r = 4
@@ -86,10 +88,10 @@ def test_weights_only_round_trip_resumes_bit_exactly(base):
     resumed = TinyLlamaBlock()
     resumed.load_state_dict(reference.state_dict())
 
-    opt_ref, _ = build_optimizer(reference, config)
+    opt_ref = build_optimizer(reference, config)
     expected_losses = _train(reference, opt_ref, range(8))  # refreshes at 0, 3, 6
 
-    opt_a, _ = build_optimizer(resumed, config)
+    opt_a = build_optimizer(resumed, config)
     losses = _train(resumed, opt_a, range(4))  # stop after the refresh at step 3
     buffer = io.BytesIO()
     torch.save({"model": resumed.state_dict(), "optimizer": opt_a.state_dict()}, buffer)
@@ -99,7 +101,7 @@ def test_weights_only_round_trip_resumes_bit_exactly(base):
     torch.manual_seed(123)  # a different process state: nothing may depend on it
     fresh = TinyLlamaBlock()
     fresh.load_state_dict(checkpoint["model"])
-    opt_b, _ = build_optimizer(fresh, config)
+    opt_b = build_optimizer(fresh, config)
     opt_b.load_state_dict(checkpoint["optimizer"])
     losses += _train(fresh, opt_b, range(4, 8))
 
@@ -115,7 +117,7 @@ def test_weights_only_round_trip_resumes_bit_exactly(base):
 def test_state_dict_is_plain_tensors_and_keyed_like_torch():
     torch.manual_seed(0)
     model = TinyLlamaBlock()
-    opt, _ = build_optimizer(model, CONFIG)
+    opt = build_optimizer(model, CONFIG)
     _train(model, opt, range(2))
     state = opt.state_dict()
     assert sorted(state["state"]) == list(range(len(list(model.parameters()))))
@@ -129,7 +131,28 @@ def test_state_dict_is_plain_tensors_and_keyed_like_torch():
 def test_load_rejects_mismatched_groups():
     torch.manual_seed(0)
     model = TinyLlamaBlock()
-    opt, _ = build_optimizer(model, CONFIG)
+    opt = build_optimizer(model, CONFIG)
     other = LowRankOptimizer([{"params": [nn.Parameter(torch.zeros(3, 3))], "rank": 2}])
     with pytest.raises(ValueError):
         other.load_state_dict(opt.state_dict())
+
+
+def test_an_older_checkpoint_with_moved_options_loads():
+    """Checkpoints from before the schedule moved out of the groups carry ``update_gap`` (and no selector_options)."""
+    torch.manual_seed(0)
+    model = TinyLlamaBlock()
+    opt = build_optimizer(model, CONFIG)
+    _train(model, opt, range(2))
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        group["update_gap"] = 3
+        group.pop("selector_options", None)
+    fresh = build_optimizer(model, CONFIG)
+    fresh.load_state_dict(saved)
+    for group in fresh.param_groups:
+        assert "update_gap" not in group and group["selector_options"] == {}
+    assert fresh.param_groups[0]["lowrank_step"] == 2
+    for index, entry in opt.state_dict()["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, fresh.state_dict()["state"][index][key]), (index, key)
+    _train(model, fresh, range(2, 4))  # steps on

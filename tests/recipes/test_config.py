@@ -13,7 +13,7 @@ from recipes.model import count_parameters
 
 REPO = Path(__file__).resolve().parents[2]
 
-# DESIGN.md section 2: (params in millions, hidden, intermediate, heads, layers, rank, steps)
+# The reference protocol (docs/reference.md): (params in millions, hidden, intermediate, heads, layers, rank, steps)
 REFERENCE = {
     "c4_60m": (58.1, 512, 1376, 8, 8, 128, 10_000),
     "c4_130m": (134.1, 768, 2048, 12, 12, 256, 20_000),
@@ -52,9 +52,9 @@ def test_c4_configs_follow_the_reference_protocol(name):
     assert run.schedule.warmup_fraction == 0.1 and run.schedule.min_lr_ratio == 0.1
     assert t.precision == "bf16-true"
     if name == "c4_7b":
-        assert (o.lr, o.lowrank.update_gap, t.gradient_clip_val) == (0.005, 500, 1.0)
+        assert (o.lr, o.refresh.update_gap, t.gradient_clip_val) == (0.005, 500, 1.0)
     else:
-        assert (o.lr, o.lowrank.update_gap, t.gradient_clip_val) == (0.01, 200, None)
+        assert (o.lr, o.refresh.update_gap, t.gradient_clip_val) == (0.01, 200, None)
 
 
 def test_bare_name_with_suffix_and_overrides():
@@ -77,10 +77,10 @@ def test_bare_name_with_suffix_and_overrides():
         (["trainer.strategy=fsdp2", "optimizer.lowrank.side=left"], ["optimizer.lowrank.side", "fsdp2", "right | auto"]),
         (["trainer.strategy=fsdp2", "trainer.per_layer_updates=true"], ["trainer.per_layer_updates", "fsdp2"]),
         (["trainer.precision=fp8"], ["trainer.precision", "bf16-mixed"]),
-        (["trainer.strategy=fsdp2", "subspace.split_across_ranks=true"],
-         ["subspace.split_across_ranks", "fsdp2", "false"]),
-        (["trainer.per_layer_updates=true", "subspace.split_across_ranks=true"],
-         ["subspace.split_across_ranks", "per_layer_updates", "false"]),
+        (["trainer.strategy=fsdp2", "optimizer.refresh.split_across_ranks=true"],
+         ["optimizer.refresh.split_across_ranks", "fsdp2", "false"]),
+        (["trainer.per_layer_updates=true", "optimizer.refresh.split_across_ranks=true"],
+         ["optimizer.refresh.split_across_ranks", "per_layer_updates", "false"]),
         (["trainer.checkpoint_format=single"], ["trainer.checkpoint_format", "auto | sharded | full"]),
         (["trainer.checkpoint_format=sharded", "trainer.strategy=ddp"],
          ["trainer.checkpoint_format", "fsdp2", "'ddp'", "auto | full"]),
@@ -159,10 +159,49 @@ def test_cli_errors_are_one_paragraph_without_traceback_and_write_nothing(tmp_pa
     assert not out.exists()
 
 
-def test_split_across_ranks_reaches_the_resampler():
-    from callbacks import SubspaceResampler
-    from recipes.trainer import subspace_callbacks
+def test_refresh_section_reaches_the_optimizers_schedule():
+    from recipes.module import LlamaPretrainModule, module_kwargs
 
-    run, _ = load_run_config("default", ["trainer.strategy=ddp", "subspace.split_across_ranks=true"])
-    resampler = next(cb for cb in subspace_callbacks(run) if isinstance(cb, SubspaceResampler))
-    assert resampler.split_across_ranks is True
+    overrides = ["trainer.strategy=ddp", "optimizer.refresh.split_across_ranks=true", "optimizer.refresh.stagger=3",
+                 "optimizer.refresh.update_gap=7", "trainer.max_steps=50"]
+    run, resolved = load_run_config("default", overrides)
+    optimizer = LlamaPretrainModule(**module_kwargs(run)).configure_optimizers()["optimizer"]
+    schedule = optimizer.schedule
+    assert (schedule.split_across_ranks, schedule.stagger, schedule.update_gap) == (True, 3, 7)
+    assert schedule.max_steps == 50 == resolved["optimizer"]["refresh"]["max_steps"]  # null means trainer.max_steps
+
+
+@pytest.mark.parametrize("override,new_key", [
+    ("optimizer.lowrank.update_gap=5", "optimizer.refresh.update_gap"),
+    ("subspace.stagger=2", "optimizer.refresh.stagger"),
+    ("subspace.switch_at=0.5", "optimizer.refresh.switch_at"),
+    ("subspace.split_across_ranks=true", "optimizer.refresh.split_across_ranks"),
+    ("subspace.image_interval=3", "monitor.image_interval"),
+    ("subspace.frozen_patience=3", "monitor.frozen_patience"),
+])
+def test_old_schedule_and_monitor_keys_name_their_new_place(override, new_key):
+    with pytest.raises(ConfigError) as info:
+        load_run_config("default", [override])
+    message = str(info.value)
+    assert override.split("=")[0] in message and f"moved to {new_key}" in message, message
+
+
+def test_schedule_and_monitor_problems_are_collected_with_their_keys():
+    overrides = ["optimizer.refresh.stagger=0", "optimizer.refresh.switch_to=best", "monitor.frozen_threshold=2",
+                 "monitor.image_interval=0"]
+    with pytest.raises(ConfigError) as info:
+        load_run_config("default", overrides)
+    message = str(info.value)
+    for needle in ("optimizer.refresh.stagger: invalid value 0", "optimizer.refresh.switch_to: invalid value 'best'",
+                   "optimizer.refresh.switch_at and optimizer.refresh.switch_to go together",
+                   "monitor.frozen_threshold: invalid value 2", "monitor.image_interval: invalid value 0"):
+        assert needle in message, (needle, message)
+
+
+def test_config_module_imports_no_training_library():
+    code = ("import sys; import recipes.config; "
+            "print(sorted(m for m in ('lightning', 'lightning.pytorch', 'datasets', 'torchdata') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

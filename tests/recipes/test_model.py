@@ -7,7 +7,7 @@ import torch
 
 from recipes.model import PRESET_NAMES, Llama, LlamaConfig, causal_lm_loss, count_parameters, llama_preset
 
-# DESIGN.md section 2: untied head, vocab 32000, norms included, no biases.
+# docs/reference.md: untied head, vocab 32000, norms included, no biases.
 PAPER_COUNTS = {"60m": 58.1e6, "130m": 134.1e6, "350m": 368.0e6, "1b": 1339.1e6, "7b": 6738.4e6}
 
 

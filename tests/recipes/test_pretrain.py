@@ -17,7 +17,7 @@ TINY = [
     "model.vocab_size=384", "model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=2",
     "model.num_layers=2", "model.max_seq_len=32", "data.vocab_size=384", "data.seq_len=32", "data.max_documents=120",
     "data.micro_batch_size=4", "data.val_sequences=8", "trainer.global_batch_size=4", "optimizer.lowrank.rank=8",
-    "optimizer.lowrank.update_gap=4", "trainer.val_every_n_steps=5", "trainer.log_every_n_steps=1",
+    "optimizer.refresh.update_gap=4", "trainer.val_every_n_steps=5", "trainer.log_every_n_steps=1",
 ]
 
 
@@ -64,7 +64,7 @@ class _Recorder(pl.Callback):
 
 
 def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path):
-    common = [*TINY, "trainer.max_steps=12", "trainer.checkpoint_every_n_steps=6", "optimizer.lowrank.update_gap=4"]
+    common = [*TINY, "trainer.max_steps=12", "trainer.checkpoint_every_n_steps=6", "optimizer.refresh.update_gap=4"]
     full = _Recorder()
     run, resolved = load_run_config("default", [*common, f"out_dir={tmp_path / 'full'}"])
     fit(run, resolved, callbacks=[full])
