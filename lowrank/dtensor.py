@@ -1,6 +1,6 @@
 """FSDP2 support: helpers for parameters that are row-sharded DTensors (``fully_shard``: ``Shard(0)`` on dim 0).
 
-The FSDP2 path of :class:`lowrank.optimizer.LowRankOptimizer` (DESIGN.md section 3):
+The FSDP2 path of :class:`lowrank.optimizer.LowRankOptimizer` (docs/reference.md, FSDP2):
 
 * every low-rank DTensor parameter projects on the ``right``: with the local shard G_i (m_i, n) of the gradient and
   the basis B (n, r), R_i = G_i B and the back-projection W_i += alpha * U_i B^T are local to each shard;

@@ -1,7 +1,7 @@
 """Splitting a refresh's SVDs across data-parallel ranks (DDP: plain tensors, identical gradients on every rank).
 
 Without splitting every rank computes every new basis itself: identical inputs and seeded draws give identical bases
-with no communication (DESIGN.md, Randomness), but each rank pays for all the SVDs of a refresh. Split, the due
+with no communication (docs/reference.md, Randomness), but each rank pays for all the SVDs of a refresh. Split, the due
 parameters (in the optimizer's order, the same on every rank) are dealt round-robin: rank ``i % world`` computes the
 i-th basis, then broadcasts it. Each rank computes about 1/world of the SVDs and receives the rest (one broadcast per
 basis, d x r values).
