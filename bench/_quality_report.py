@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench._common import markdown_table
-from bench._quality_stats import fmt_difference, fmt_interval, fmt_mean_std
+from _common import markdown_table
+from _quality_stats import fmt_difference, fmt_interval, fmt_mean_std
 
 # One colour per method in both plots (matplotlib's default cycle C0..C9, in the results table's order).
 _COLOR_ORDER = ("adamw", "galore", "sara", "golore", "fira", "fira_importance", "galore_randomized", "sara_randomized")

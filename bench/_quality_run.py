@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from callbacks.subscriber import RefreshSubscriber
+from lowrank_recipes.callbacks.subscriber import RefreshSubscriber
 from lowrank import LowRankOptimizer, RefreshRecord
 from lowrank.overlap import overlap_metrics
 
@@ -104,8 +104,8 @@ def train_one(spec: RunSpec, work_dir: str, threads: int, config: str = "default
     Returns the run's record: the spec, wall seconds, the validation curve, the refresh overlaps and the final
     validation loss and perplexity (the last validation, at ``trainer.max_steps``); ``error`` when it failed.
     """
-    from recipes.config import load_run_config
-    from recipes.trainer import fit
+    from lowrank_recipes.recipes.config import load_run_config
+    from lowrank_recipes.recipes.trainer import fit
 
     torch.set_num_threads(threads)
     _quiet_lightning()

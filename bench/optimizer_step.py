@@ -29,8 +29,8 @@ model); randomized refresh >= 10x cheaper than the full-SVD rule on one 1B decod
     PYTHONPATH=/tmp/gt_site python bench/optimizer_step.py   # with galore-torch installed to a side directory
     python bench/optimizer_step.py --models 60m --refresh-models 60m --no-galore --out /tmp/step.json
 
-Results: the JSON (``--out``) and the same tables as markdown beside it (``.md``). This file is longer than the
-project's ~300-line guideline: the three measurements share the shapes, variants and report of one run.
+Results: the JSON (``--out``) and the same tables as markdown beside it (``.md``). The three measurements share the
+shapes, variants and report of one run, hence one file.
 """
 
 from __future__ import annotations
@@ -44,15 +44,14 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/optimizer_step.py` from anywhere
 
-from bench._common import markdown_table, median, mib, pick_device, quartiles, run_metadata, timed  # noqa: E402
-from lowrank.factory import build_optimizer  # noqa: E402
-from lowrank.optimizer import LowRankOptimizer  # noqa: E402
-from lowrank.projector import add_back_projected_, orient, project, resolve_side  # noqa: E402
-from lowrank.randomness import draw_generator  # noqa: E402
-from lowrank.selectors import SELECTORS, make_selector  # noqa: E402
-from recipes.model import Llama, LlamaConfig, llama_preset  # noqa: E402
+from _common import markdown_table, median, mib, pick_device, quartiles, run_metadata, timed
+from lowrank.factory import build_optimizer
+from lowrank.optimizer import LowRankOptimizer
+from lowrank.projector import add_back_projected_, orient, project, resolve_side
+from lowrank.randomness import draw_generator
+from lowrank.selectors import SELECTORS, make_selector
+from lowrank_recipes.recipes.model import Llama, LlamaConfig, llama_preset
 
 SELECTOR_NAMES = tuple(SELECTORS)  # every registered selector, in registry order
 LOWRANK_VARIANTS = tuple(f"lowrank-{name}" for name in SELECTOR_NAMES)

@@ -6,8 +6,8 @@ What is measured: the final validation loss (and perplexity) of the embedded def
 methods the subspace overlap ||B_old^T B_new||_F^2 / r at every refresh (mean over the projected matrices, beside
 its chance level r/d).
 
-How: every run is the recipe itself, ``recipes.config.load_run_config('default', overrides)`` and
-``recipes.trainer.fit(run, resolved, [QualityRecorder()])`` (bench/_quality_run.py), so the benchmark measures what
+How: every run is the recipe itself, ``lowrank_recipes.recipes.config.load_run_config('default', overrides)`` and
+``lowrank_recipes.recipes.trainer.fit(run, resolved, [QualityRecorder()])`` (bench/_quality_run.py), so the benchmark measures what
 users run; run outputs go to a scratch directory (``--work-dir``, default a temporary one), never runs/default.
 
 1. Learning-rate sweep, seed 0, three log-spaced values per method (``LR_GRIDS``): at this scale the plain group's
@@ -54,12 +54,11 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/quality.py` from anywhere
 
-from bench._common import pick_device, run_metadata  # noqa: E402
-from bench._quality_report import render_markdown, write_plots  # noqa: E402
-from bench._quality_run import RunSpec, train_one  # noqa: E402
-from bench._quality_stats import gap_closed, paired_difference, summarize  # noqa: E402
+from _common import pick_device, run_metadata
+from _quality_report import render_markdown, write_plots
+from _quality_run import RunSpec, train_one
+from _quality_stats import gap_closed, paired_difference, summarize
 
 # method -> (selector or None for full rank, optimizer overrides)
 METHODS: dict[str, tuple[str | None, tuple[str, ...]]] = {
@@ -356,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 def snapshot_config(work_dir: str) -> str:
     """Copies configs/default.yaml into the work directory: every run reads that copy, so all runs of one benchmark
     train the same recipe even if the file is edited meanwhile."""
-    from recipes.config import resolve_config_path
+    from lowrank_recipes.recipes.config import resolve_config_path
 
     target = Path(work_dir) / "default.yaml"
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -31,14 +31,13 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/state_precision.py` from anywhere
 
-from bench._common import (  # noqa: E402
+from _common import (
     current_rss_bytes, markdown_table, median, mib, peak_rss_bytes, pick_device, quartiles, run_metadata, timed,
 )
-from lowrank.factory import build_optimizer  # noqa: E402
-from lowrank.optimizer import LowRankOptimizer  # noqa: E402
-from recipes.model import Llama, LlamaConfig, causal_lm_loss, llama_preset  # noqa: E402
+from lowrank.factory import build_optimizer
+from lowrank.optimizer import LowRankOptimizer
+from lowrank_recipes.recipes.model import Llama, LlamaConfig, causal_lm_loss, llama_preset
 
 FAMILIES = ("lowrank", "adamw")
 PRECISIONS = ("fp32", "bf16", "8bit")

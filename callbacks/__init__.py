@@ -17,10 +17,10 @@ Usage::
     trainer = Trainer(callbacks=[SubspaceResampler(), SubspaceOverlapMonitor()], ...)
 """
 
-from callbacks.overlap_monitor import SubspaceOverlapMonitor
-from callbacks.per_layer import PerLayerUpdates
-from callbacks.resampler import SubspaceResampler
-from callbacks.state_precision import OptimizerStatePrecision
-from callbacks.subscriber import RefreshSubscriber
+from lowrank_recipes.callbacks.overlap_monitor import SubspaceOverlapMonitor
+from lowrank_recipes.callbacks.per_layer import PerLayerUpdates
+from lowrank_recipes.callbacks.resampler import SubspaceResampler
+from lowrank_recipes.callbacks.state_precision import OptimizerStatePrecision
+from lowrank_recipes.callbacks.subscriber import RefreshSubscriber
 
 __all__ = ["OptimizerStatePrecision", "PerLayerUpdates", "RefreshSubscriber", "SubspaceOverlapMonitor", "SubspaceResampler"]

@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from callbacks.lowrank_optimizer import fill_max_steps, find_lowrank_optimizer
+from lowrank_recipes.callbacks.lowrank_optimizer import fill_max_steps, find_lowrank_optimizer
 from lowrank import LowRankOptimizer, RefreshSchedule
 
 REFRESH_SECONDS_TAG = "lowrank/refresh_seconds"

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from callbacks.lowrank_optimizer import find_lowrank_optimizer
+from lowrank_recipes.callbacks.lowrank_optimizer import find_lowrank_optimizer
 from lowrank import LowRankOptimizer, RefreshRecord
 
 

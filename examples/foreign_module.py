@@ -11,9 +11,7 @@ prints to see ``lowrank/overlap/*`` and the ``lowrank/overlap_heatmap`` picture:
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -21,11 +19,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-# Run from a checkout: the repository root first on the path, so `lowrank` and `callbacks` are this checkout's.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lowrank  # noqa: E402
-from callbacks import SubspaceOverlapMonitor, SubspaceResampler  # noqa: E402
+import lowrank
+from lowrank_recipes.callbacks import SubspaceOverlapMonitor, SubspaceResampler
 
 
 class MLP(pl.LightningModule):

@@ -96,7 +96,7 @@ class CompactAdamW(torch.optim.Optimizer):
         min_8bit_size: in ``8bit`` mode, tensors with fewer elements keep fp32 moments (bitsandbytes: 4096).
         block_size: longest 8-bit block (blocks are aligned to rows; :mod:`lowrank.quantization`).
         chunk_size: elements decoded at a time in ``bf16``/``8bit`` mode (whole rows, at least one);
-            default 2^18 on a CPU, 2^26 elsewhere.
+            default 2^20 on a CPU (``CPU_CHUNK_SIZE``), 2^26 elsewhere (``DEVICE_CHUNK_SIZE``).
     """
 
     def __init__(

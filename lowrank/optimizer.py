@@ -44,8 +44,8 @@ State is per parameter and tensor-only, so ``torch.load(weights_only=True)`` wor
 ``exp_avg``, ...) plus ``lowrank_basis`` (d, r) and, with Fira, ``fira_norm`` (0-dim). The step counter of a
 low-rank group is the group entry ``lowrank_step`` (an int).
 
-This file is longer than the project's ~300-line guideline on purpose: the ordinary step, the per-layer step
-(``step_parameter``, lowrank.per_layer) and the refresh share the private state of one class.
+One class holds the ordinary step, the per-layer step (``step_parameter``, lowrank.per_layer) and the refresh: they
+share its private state (stand-ins, bases, the step's due set and pending records).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Both work in float32 or wider (bf16/fp16 gradients are upcast) and return the le
 they are given, signs canonicalised: each singular vector is flipped so that its largest-magnitude entry is
 positive. LAPACK/cuSOLVER signs are arbitrary and can differ between devices and library versions; a sign flip
 meeting kept Adam moments negates their momentum, so canonical signs make refreshes reproducible across ranks and
-implementations. This departs from GaLore's raw SVD signs (documented in the README).
+implementations. This departs from GaLore's raw SVD signs (docs/design.md, departures from the reference code).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ the offending key and the accepted values) before any training work or output st
 from __future__ import annotations
 
 import dataclasses
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,10 +21,11 @@ from lowrank.config import OptimizerConfig
 from lowrank.factory import build_optimizer
 from lowrank.overlap import OverlapMonitorOptions
 from lowrank.structured import from_mapping
-from recipes.data.config import DataConfig
-from recipes.model import Llama, LlamaConfig
+from lowrank_recipes.recipes.data.config import DataConfig
+from lowrank_recipes.recipes.model import Llama, LlamaConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped configs: package data of lowrank_recipes.configs (the repository's configs/ in an editable install).
+CONFIG_DIR = Path(str(files("lowrank_recipes.configs")))
 PRECISIONS: tuple[str, ...] = ("32-true", "32", "bf16-mixed", "bf16-true")
 # FSDP1 ("fsdp") hands the optimizer flattened 1-D views and DeepSpeed flattens parameters: no 2-D gradient to
 # project. Both are refused with an explanation.
@@ -80,9 +82,9 @@ class TrainerConfig:
         log_every_n_steps: logging interval in optimizer steps.
         checkpoint_every_n_steps: periodic checkpoint interval in optimizer steps (``last.ckpt`` is kept too).
         checkpoint_format: auto | sharded | full. ``sharded`` (fsdp2 only): every rank writes its shards into a
-            checkpoint directory (``torch.distributed.checkpoint``), no gather (tested: resumed on the same 2 ranks).
+            checkpoint directory (``torch.distributed.checkpoint``), no gather; resumable on the same number of ranks.
             ``full``: one file gathered on rank 0 that loads with ``torch.load(weights_only=True)`` and is not tied
-            to the rank count or the strategy (tested: 2 FSDP2 ranks to 2 FSDP2 ranks and to one process); the gather
+            to the rank count or the strategy (FSDP2 ranks resume it on FSDP2 ranks or in one process); the gather
             costs rank 0 the CPU memory of the whole model and optimizer state. ``auto``: sharded under fsdp2, full
             otherwise (the other strategies only write full files, so ``sharded`` is refused there). The resolved
             config holds the concrete format.
@@ -114,8 +116,8 @@ class RunConfig:
     """A whole run.
 
     Attributes:
-        model: the LLaMA's shape (``recipes.model.LlamaConfig``).
-        data: data source, tokenizer, sequence length, micro-batch (``recipes.data.DataConfig``).
+        model: the LLaMA's shape (``lowrank_recipes.recipes.model.LlamaConfig``).
+        data: data source, tokenizer, sequence length, micro-batch (``lowrank_recipes.recipes.data.DataConfig``).
         optimizer: ``adamw`` or ``lowrank`` and their settings (``lowrank.OptimizerConfig``), the subspace refresh
             schedule included (``optimizer.refresh``, ``lowrank.RefreshSchedule``).
         schedule: learning-rate schedule.

@@ -1,6 +1,6 @@
-"""``LlamaPretrainModule``: next-token pretraining of ``recipes.model.Llama`` with any ``lowrank`` optimizer.
+"""``LlamaPretrainModule``: next-token pretraining of ``lowrank_recipes.recipes.model.Llama`` with any ``lowrank`` optimizer.
 
-Logs (TensorBoard tags): ``train/loss``, ``train/lr`` (the schedule's peak-relative lr of the plain group; per group
+Logs (TensorBoard tags): ``train/loss``, ``train/lr`` (the plain group's learning rate as the schedule sets it; per group
 ``train/lr/<group>`` comes from Lightning's LearningRateMonitor), ``val/loss``, ``val/ppl`` (torchmetrics
 Perplexity), ``train/peak_memory_gib``; tokens/s comes from Lightning's ThroughputMonitor. The optimizer's group
 table is printed at start and logged as text.
@@ -19,8 +19,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.text import Perplexity
 
 from lowrank import build_optimizer, optimizer_config_from_dict
-from recipes.model import Llama, LlamaConfig, causal_lm_loss
-from recipes.schedule import WarmupCosine
+from lowrank_recipes.recipes.model import Llama, LlamaConfig, causal_lm_loss
+from lowrank_recipes.recipes.schedule import WarmupCosine
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -37,7 +37,7 @@ class LlamaPretrainModule(pl.LightningModule):
     Args:
         model: ``LlamaConfig`` fields.
         optimizer: ``lowrank.OptimizerConfig`` fields.
-        schedule: ``recipes.config.ScheduleConfig`` fields.
+        schedule: ``lowrank_recipes.recipes.config.ScheduleConfig`` fields.
         max_steps: run length in optimizer steps (the schedule's horizon).
     """
 

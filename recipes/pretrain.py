@@ -1,6 +1,7 @@
 """Pretrain a LLaMA with a low-rank (or full-rank) optimizer.
 
     python recipes/pretrain.py                                   # the embedded default: CPU, no network
+    lowrank-pretrain                                             # the same entry point, as a console script
     python recipes/pretrain.py --config c4_60m trainer.devices=8 # a reference run
     python recipes/pretrain.py --config default optimizer.lowrank.selector=dominant trainer.max_steps=100
 
@@ -14,12 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable without installing it
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from recipes.config import ConfigError, load_run_config  # noqa: E402
+from lowrank_recipes.recipes.config import ConfigError, load_run_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from recipes.trainer import fit  # lightning, datasets, torchdata: imported only once the config is known to be good
+    from lowrank_recipes.recipes.trainer import fit  # lightning, datasets, torchdata: imported only once the config is known to be good
 
     return fit(run, resolved)
 

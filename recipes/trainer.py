@@ -13,10 +13,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Th
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from callbacks import OptimizerStatePrecision, PerLayerUpdates, SubspaceOverlapMonitor, SubspaceResampler
-from recipes.config import RunConfig
-from recipes.data.datamodule import PretrainDataModule
-from recipes.module import LlamaPretrainModule, module_kwargs
+from lowrank_recipes.callbacks import OptimizerStatePrecision, PerLayerUpdates, SubspaceOverlapMonitor, SubspaceResampler
+from lowrank_recipes.recipes.config import RunConfig
+from lowrank_recipes.recipes.data.datamodule import PretrainDataModule
+from lowrank_recipes.recipes.module import LlamaPretrainModule, module_kwargs
 
 
 def world_devices(run: RunConfig) -> int:

@@ -2,5 +2,5 @@
 datamodule.
 
 Import the modules themselves (``from recipes.data.datamodule import PretrainDataModule``): this package file imports
-nothing, so that ``recipes.data.config`` loads without ``datasets``, ``lightning`` or ``torchdata``.
+nothing, so that ``lowrank_recipes.recipes.data.config`` loads without ``datasets``, ``lightning`` or ``torchdata``.
 """

@@ -39,14 +39,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from recipes.data import sources
-from recipes.data.config import C4_DEFAULT_VAL_TOKENS, DataConfig
-from recipes.data.corpus import corpus_hash, load_corpus
-from recipes.data.loader import RankStatefulDataLoader
-from recipes.data.packing import PackedSequences, iter_packed, pack_tokens, split_inputs_labels
-from recipes.data.sampler import GlobalBatchSampler
-from recipes.data.stream import PackedStream
-from recipes.data.tokenizer import EMBEDDED, TextTokenizer, load_tokenizer
+from lowrank_recipes.recipes.data import sources
+from lowrank_recipes.recipes.data.config import C4_DEFAULT_VAL_TOKENS, DataConfig
+from lowrank_recipes.recipes.data.corpus import corpus_hash, load_corpus
+from lowrank_recipes.recipes.data.loader import RankStatefulDataLoader
+from lowrank_recipes.recipes.data.packing import PackedSequences, iter_packed, pack_tokens, split_inputs_labels
+from lowrank_recipes.recipes.data.sampler import GlobalBatchSampler
+from lowrank_recipes.recipes.data.stream import PackedStream
+from lowrank_recipes.recipes.data.tokenizer import EMBEDDED, TextTokenizer, load_tokenizer
 
 def rank_slice(dataset: Dataset, rank: int, world_size: int, cap: int | None = None) -> Subset:
     """Returns items r, r+W, ... of the first min(len, cap) items, truncated so every rank gets as many."""

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from recipes.data.tokenizer import TextTokenizer
+from lowrank_recipes.recipes.data.tokenizer import TextTokenizer
 
 # Documents per `encode_batch` call: large enough for the tokenizer's threads, small enough to stream.
 ENCODE_BATCH = 64

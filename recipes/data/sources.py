@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import datasets
 from datasets.distributed import split_dataset_by_node
 
-from recipes.data.config import C4_CONFIG, C4_DATASET  # noqa: F401 (read as sources.C4_DATASET too)
+from lowrank_recipes.recipes.data.config import C4_CONFIG, C4_DATASET  # noqa: F401 (read as sources.C4_DATASET too)
 
 TEXT_FIELD = "text"
 

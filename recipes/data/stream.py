@@ -31,9 +31,9 @@ import datasets
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
-from recipes.data.packing import ENCODE_BATCH, StreamPacker, split_inputs_labels
-from recipes.data.sources import TEXT_FIELD, shard_for_rank
-from recipes.data.tokenizer import TextTokenizer
+from lowrank_recipes.recipes.data.packing import ENCODE_BATCH, StreamPacker, split_inputs_labels
+from lowrank_recipes.recipes.data.sources import TEXT_FIELD, shard_for_rank
+from lowrank_recipes.recipes.data.tokenizer import TextTokenizer
 
 # Sequences per rank reported by `len()`: 2^40, far beyond any run, so a Lightning epoch never ends.
 NOMINAL_LENGTH = 2**40

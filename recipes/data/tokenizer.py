@@ -24,8 +24,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from recipes.data.config import EMBEDDED
-from recipes.data.corpus import corpus_hash, load_corpus
+from lowrank_recipes.recipes.data.config import EMBEDDED
+from lowrank_recipes.recipes.data.corpus import corpus_hash, load_corpus
 
 # The end-of-document token of the embedded BPE (id 0, its only special token).
 EMBEDDED_EOS = "<|endoftext|>"

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lowrank
-from callbacks import RefreshSubscriber
+from lowrank_recipes.callbacks import RefreshSubscriber
 
 TAG = "lowrank/"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from callbacks import PerLayerUpdates, SubspaceOverlapMonitor, SubspaceResampler
+from lowrank_recipes.callbacks import PerLayerUpdates, SubspaceOverlapMonitor, SubspaceResampler
 from lowrank import SELECTORS
 from tests.callbacks.helpers import WARNING_FILTERS, MLPModule, make_trainer, optimizer_config, regression_loader
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks import SubspaceOverlapMonitor, SubspaceResampler
-from callbacks.overlap_figure import natural_key, render_overlap_figure
-from callbacks.overlap_monitor import IMAGE_TAG
+from lowrank_recipes.callbacks import SubspaceOverlapMonitor, SubspaceResampler
+from lowrank_recipes.callbacks.overlap_figure import natural_key, render_overlap_figure
+from lowrank_recipes.callbacks.overlap_monitor import IMAGE_TAG
 from lowrank import RefreshRecord
 from lowrank.overlap import layer_label, module_type, normalized_overlap, overlap_metrics
 from tests.callbacks.helpers import (

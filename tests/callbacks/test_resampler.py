@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from callbacks import SubspaceOverlapMonitor, SubspaceResampler
+from lowrank_recipes.callbacks import SubspaceOverlapMonitor, SubspaceResampler
 from lowrank import LowRankOptimizer, RefreshSchedule, build_optimizer
 from tests.callbacks.helpers import (
     WARNING_FILTERS, FixedGradModule, MLPModule, RecordingLogger, RecordTap, Tap, make_trainer, optimizer_config,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks import SubspaceOverlapMonitor, SubspaceResampler
+from lowrank_recipes.callbacks import SubspaceOverlapMonitor, SubspaceResampler
 from tests.callbacks.helpers import (
     WARNING_FILTERS, MLPModule, RecordingLogger, RecordTap, Tap, make_trainer, optimizer_config, regression_loader,
 )

@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from callbacks import OptimizerStatePrecision
-from callbacks.state_precision import optimizer_precision
+from lowrank_recipes.callbacks import OptimizerStatePrecision
+from lowrank_recipes.callbacks.state_precision import optimizer_precision
 from lowrank import CompactAdamW
 
 

@@ -1,4 +1,4 @@
-"""Test-only launcher: runs the pretraining recipe (``recipes.trainer.fit``) with a recording callback.
+"""Test-only launcher: runs the pretraining recipe (``lowrank_recipes.recipes.trainer.fit``) with a recording callback.
 
     python tests/distributed/_run_recipe.py [--stop-at N] [--record DIR] key=value ...
 
@@ -26,14 +26,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for a run as a script
+import lightning.pytorch as pl
+import torch
+from torch.distributed.tensor import DTensor
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
-
-from recipes.config import load_run_config  # noqa: E402
-from recipes.trainer import fit  # noqa: E402
+from lowrank_recipes.recipes.config import load_run_config
+from lowrank_recipes.recipes.trainer import fit
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

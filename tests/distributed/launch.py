@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.config import load_run_config
-from recipes.data.datamodule import PretrainDataModule
-from recipes.trainer import fit
+from lowrank_recipes.recipes.config import load_run_config
+from lowrank_recipes.recipes.data.datamodule import PretrainDataModule
+from lowrank_recipes.recipes.trainer import fit
 
 from ._run_recipe import RecordRun
 

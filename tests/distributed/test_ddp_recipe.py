@@ -17,7 +17,7 @@ single process accumulates 2 micro-batches per step, each rank takes one. ``upda
 * With ``optimizer.refresh.split_across_ranks=true`` (each rank computes half of a refresh's SVDs and broadcasts the bases),
   the 2-rank dominant run repeats the unsplit 2-rank run bitwise (losses, weights, bases; identical on both ranks)
   and so equals the 1-process reference to fp32 tolerance.
-* The recipe's own entry point started by the launchers the README shows, ``torchrun --standalone --nproc_per_node 2
+* The recipe's own entry point started by the launchers docs/distributed.md shows, ``torchrun --standalone --nproc_per_node 2
   recipes/pretrain.py ...`` and ``fabric run --accelerator cpu --devices 2 --main-port P recipes/pretrain.py ...``
   (the Trainer joins the launcher's 2 processes instead of spawning its own), logs the same per-step rank-0
   ``train/loss`` as the spawn-launched 2-rank run (measured: bitwise), and its final weights and bases (read from its

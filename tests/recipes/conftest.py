@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from recipes.data.corpus import load_corpus
-from recipes.data.tokenizer import TextTokenizer, embedded_tokenizer
+from lowrank_recipes.recipes.data.corpus import load_corpus
+from lowrank_recipes.recipes.data.tokenizer import TextTokenizer, embedded_tokenizer
 
 # Small enough to parse and train on in about a second, large enough for a few hundred sequences.
 SMALL_DOCS = 120

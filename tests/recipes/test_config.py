@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from recipes.config import CONFIG_DIR, ConfigError, available_configs, load_run_config
-from recipes.model import count_parameters
+from lowrank_recipes.recipes.config import CONFIG_DIR, ConfigError, available_configs, load_run_config
+from lowrank_recipes.recipes.model import count_parameters
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -123,7 +123,7 @@ def test_checkpoint_format_auto_resolves_per_strategy(overrides, expected):
 def test_fsdp2_checkpoint_format_reaches_the_strategy(fmt, distributed):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from recipes.trainer import strategy
+    from lowrank_recipes.recipes.trainer import strategy
 
     run, _ = load_run_config("default", ["trainer.strategy=fsdp2", f"trainer.checkpoint_format={fmt}"])
     built = strategy(run)
@@ -160,7 +160,7 @@ def test_cli_errors_are_one_paragraph_without_traceback_and_write_nothing(tmp_pa
 
 
 def test_refresh_section_reaches_the_optimizers_schedule():
-    from recipes.module import LlamaPretrainModule, module_kwargs
+    from lowrank_recipes.recipes.module import LlamaPretrainModule, module_kwargs
 
     overrides = ["trainer.strategy=ddp", "optimizer.refresh.split_across_ranks=true", "optimizer.refresh.stagger=3",
                  "optimizer.refresh.update_gap=7", "trainer.max_steps=50"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from recipes.data import corpus
-from recipes.data.corpus import corpus_hash, load_corpus, read_pydoc_topics, stdlib_files
+from lowrank_recipes.recipes.data import corpus
+from lowrank_recipes.recipes.data.corpus import corpus_hash, load_corpus, read_pydoc_topics, stdlib_files
 
 
 def test_topics_are_read_from_the_file() -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.data.datamodule import DataConfig, PretrainDataModule
-from recipes.data.stream import PackedStream
+from lowrank_recipes.recipes.data.datamodule import DataConfig, PretrainDataModule
+from lowrank_recipes.recipes.data.stream import PackedStream
 
 from .conftest import SMALL_VOCAB
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from recipes.data.datamodule import DataConfig, PretrainDataModule
+from lowrank_recipes.recipes.data.datamodule import DataConfig, PretrainDataModule
 
 from .test_resume import SEQ_LEN, Recorder
 

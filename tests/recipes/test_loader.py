@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from recipes.data.loader import RankStatefulDataLoader
-from recipes.data.sources import files_spec, open_stream
-from recipes.data.stream import PackedStream
-from recipes.data.tokenizer import TextTokenizer, load_tokenizer
+from lowrank_recipes.recipes.data.loader import RankStatefulDataLoader
+from lowrank_recipes.recipes.data.sources import files_spec, open_stream
+from lowrank_recipes.recipes.data.stream import PackedStream
+from lowrank_recipes.recipes.data.tokenizer import TextTokenizer, load_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recipes.model import PRESET_NAMES, Llama, LlamaConfig, causal_lm_loss, count_parameters, llama_preset
+from lowrank_recipes.recipes.model import PRESET_NAMES, Llama, LlamaConfig, causal_lm_loss, count_parameters, llama_preset
 
 # docs/reference.md: untied head, vocab 32000, norms included, no biases.
 PAPER_COUNTS = {"60m": 58.1e6, "130m": 134.1e6, "350m": 368.0e6, "1b": 1339.1e6, "7b": 6738.4e6}
@@ -120,7 +120,7 @@ def test_config_validation_names_keys() -> None:
 
 
 def test_rope_rotates_pairs_by_position() -> None:
-    from recipes.model import apply_rope, rope_cos_sin, rope_inv_freq
+    from lowrank_recipes.recipes.model import apply_rope, rope_cos_sin, rope_inv_freq
 
     # D = 4: pairs (0, 2) and (1, 3) rotate by angles p * theta^0 and p * theta^(-1/2).
     cos, sin = rope_cos_sin(rope_inv_freq(4, 100.0), 3)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from recipes.data.packing import PackedSequences, StreamPacker, iter_packed, pack_tokens, split_inputs_labels
-from recipes.data.tokenizer import TextTokenizer
+from lowrank_recipes.recipes.data.packing import PackedSequences, StreamPacker, iter_packed, pack_tokens, split_inputs_labels
+from lowrank_recipes.recipes.data.tokenizer import TextTokenizer
 
 
 def test_pack_tokens_appends_eos(tiny_tokenizer: TextTokenizer) -> None:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from recipes.config import load_run_config
-from recipes.pretrain import main
-from recipes.trainer import fit
+from lowrank_recipes.recipes.config import load_run_config
+from lowrank_recipes.recipes.pretrain import main
+from lowrank_recipes.recipes.trainer import fit
 
 TINY = [
     "model.vocab_size=384", "model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=2",

@@ -14,8 +14,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from recipes.data.datamodule import DataConfig, PretrainDataModule
-from recipes.model import Llama, LlamaConfig, causal_lm_loss
+from lowrank_recipes.recipes.data.datamodule import DataConfig, PretrainDataModule
+from lowrank_recipes.recipes.model import Llama, LlamaConfig, causal_lm_loss
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:'set_vital' is deprecated"),

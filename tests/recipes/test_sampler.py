@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from recipes.data.sampler import GlobalBatchSampler, pass_permutation
+from lowrank_recipes.recipes.data.sampler import GlobalBatchSampler, pass_permutation
 
 
 def take(sampler: GlobalBatchSampler, n: int) -> list[list[int]]:

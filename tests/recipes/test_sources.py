@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from torch.utils.data import DataLoader
 
-from recipes.data import sources
-from recipes.data.sources import StreamSpec, files_spec, holdout_split, iter_texts, open_stream, shard_for_rank
+from lowrank_recipes.recipes.data import sources
+from lowrank_recipes.recipes.data.sources import StreamSpec, files_spec, holdout_split, iter_texts, open_stream, shard_for_rank
 
 
 def all_texts(paths: list[str]) -> list[str]:

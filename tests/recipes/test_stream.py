@@ -8,10 +8,10 @@ import pytest
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from recipes.data.packing import iter_packed
-from recipes.data.sources import files_spec, iter_texts, open_stream, shard_for_rank
-from recipes.data.stream import NOMINAL_LENGTH, PackedStream
-from recipes.data.tokenizer import TextTokenizer
+from lowrank_recipes.recipes.data.packing import iter_packed
+from lowrank_recipes.recipes.data.sources import files_spec, iter_texts, open_stream, shard_for_rank
+from lowrank_recipes.recipes.data.stream import NOMINAL_LENGTH, PackedStream
+from lowrank_recipes.recipes.data.tokenizer import TextTokenizer
 
 SEQ_LEN = 24
 # torchdata 0.11 calls an API that torch 2.13 deprecates; harmless.

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models
 
-from recipes.data.tokenizer import (
+from lowrank_recipes.recipes.data.tokenizer import (
     EMBEDDED_EOS,
     TextTokenizer,
     embedded_tokenizer,
