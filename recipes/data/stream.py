@@ -12,6 +12,18 @@ each worker with every batch, so a checkpoint restores each worker exactly where
 `num_workers` required). `shuffle_buffer > 0` gives up exactness: `datasets` does not save the
 shuffle buffer's content.
 
+Passes and epochs: each iteration (one per DataLoader worker) reads a private copy of the stream
+(`_private_stream`) and sets *that* copy's `datasets` epoch to its own pass number. It must not call
+`set_epoch` on `self.source`: a `datasets.IterableDataset` keeps its epoch in a shared-memory tensor
+(so that the main process's `set_epoch` reaches persistent workers), which every forked worker
+inherits. The workers of a loader reach pass boundaries at different moments and each has its own
+pass number, so one shared epoch cannot be right for all of them; worse, `set_epoch` is a
+non-atomic read-modify-write (`epoch += new - epoch`), and two workers setting 1 at once left it at
+2. The epoch decides the pass's shard order (`datasets` reshuffles data sources by epoch) and is
+what `load_state_dict` must match to restore a position, so a clobbered epoch changed the data
+read, and the saved state, depending on timing. A private copy makes the epoch a worker reads the
+one it set.
+
 Not rank-count independent: ranks read disjoint shards, so the global batch at step k depends on the
 world size (the map-style path, `recipes.data.sampler`, is the one that is independent).
 
@@ -24,6 +36,7 @@ length (`NOMINAL_LENGTH` sequences) so that Lightning fetches batches only as it
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,15 +88,27 @@ class PackedStream(IterableDataset):
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         self._pass = 0
+        self._stream: datasets.IterableDataset | None = None  # this iterator's private copy of `source`
         self._packer: StreamPacker | None = None
         self._resume: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return NOMINAL_LENGTH
 
-    def _texts(self) -> Iterator[list[str]]:
+    @staticmethod
+    def _private_stream(source: datasets.IterableDataset) -> datasets.IterableDataset:
+        """Returns a copy of `source` whose epoch (and resume point) belongs to the caller alone.
+
+        A pickle round trip, as for a spawned worker, but with the plain pickler: the epoch tensor is
+        copied by value, not passed as a handle to the shared memory that `source`, the main process
+        and the sibling workers hold.
+        """
+        return pickle.loads(pickle.dumps(source))
+
+    @staticmethod
+    def _texts(stream: datasets.IterableDataset) -> Iterator[list[str]]:
         batch: list[str] = []
-        for example in self.source:
+        for example in stream:
             if example[TEXT_FIELD]:
                 batch.append(example[TEXT_FIELD])
             if len(batch) == ENCODE_BATCH:
@@ -94,18 +119,28 @@ class PackedStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         leftover: list[int] = []
-        if self._resume is not None:
-            state, self._resume = self._resume, None
+        state, self._resume = self._resume, None
+        if state is not None:
             self._pass = state["pass"]
-            self.source.set_epoch(self._pass)
-            self.source.load_state_dict(state["source"])
             leftover = state["leftover"]
-        else:
-            self.source.set_epoch(self._pass)
+        # Never `self.source.set_epoch(...)`: its epoch is shared with every worker (module docstring).
+        stream = self._private_stream(self.source)
+        stream.set_epoch(self._pass)
+        if state is not None:
+            saved_epoch = state["source"].get("epoch", self._pass)
+            if saved_epoch != self._pass:
+                # `datasets` would silently ignore the position and restart the pass. Such states came from
+                # workers that shared one epoch (before private copies); they cannot be resumed exactly.
+                raise ValueError(
+                    f"stream state of pass {self._pass} holds a position in datasets epoch {saved_epoch}: "
+                    "the position cannot be restored exactly"
+                )
+            stream.load_state_dict(state["source"])  # applies to this pass only: the epoch only grows
+        self._stream = stream
         self._packer = StreamPacker(self.tokenizer, self.seq_len, leftover)
         while True:
             emitted = False
-            for batch in self._texts():
+            for batch in self._texts(stream):
                 self._packer.add(batch)
                 for chunk in self._packer.chunks():
                     emitted = True
@@ -113,14 +148,15 @@ class PackedStream(IterableDataset):
             if not emitted and not self._packer.leftover():
                 return  # an empty shard (e.g. more workers than shards): stop instead of spinning
             self._pass += 1
-            self.source.set_epoch(self._pass)
+            stream.set_epoch(self._pass)
 
     def state_dict(self) -> dict[str, Any]:
         """Returns the position after the last yielded sequence: stream state, unemitted tokens, pass."""
         if self._resume is not None:  # loaded but not iterated yet: the loaded state is the position
             return self._resume
+        stream = self._stream if self._stream is not None else self.source
         return {
-            "source": self.source.state_dict(),
+            "source": stream.state_dict(),
             "leftover": self._packer.leftover() if self._packer is not None else [],
             "pass": self._pass,
         }
