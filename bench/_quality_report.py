@@ -12,9 +12,20 @@ from _quality_stats import fmt_difference, fmt_interval, fmt_mean_std
 # One colour per method in both plots (matplotlib's default cycle C0..C9, in the results table's order).
 _COLOR_ORDER = ("adamw", "galore", "sara", "golore", "fira", "fira_importance", "galore_randomized", "sara_randomized")
 
-METHOD_HEADER = ("method", "selector", "lr", "seeds", "final val loss (mean +- std)", "loss 95% CI",
-                 "val ppl (mean +- std)", "ppl 95% CI", "vs GaLore (loss, 95% CI)", "vs AdamW (loss, 95% CI)",
-                 "gap closed", "s/run")
+METHOD_HEADER = (
+    "method",
+    "selector",
+    "lr",
+    "seeds",
+    "final val loss (mean +- std)",
+    "loss 95% CI",
+    "val ppl (mean +- std)",
+    "ppl 95% CI",
+    "vs GaLore (loss, 95% CI)",
+    "vs AdamW (loss, 95% CI)",
+    "gap closed",
+    "s/run",
+)
 
 
 def _gap_cell(row: dict[str, Any]) -> str:
@@ -28,17 +39,29 @@ def _vs(row: dict[str, Any], reference: str, key: str) -> str:
 
 
 def method_table(rows: list[dict[str, Any]]) -> str:
-    body = [(r["method"], r["selector"], f"{r['lr']:g}" + (" (grid edge)" if r["lr_at_edge"] else ""),
-             str(len(r["seeds"])), fmt_mean_std(r["loss"], 4),
-             fmt_interval(r["loss"]["ci95"], 4), fmt_mean_std(r["ppl"], 2), fmt_interval(r["ppl"]["ci95"], 2),
-             _vs(r, "galore", "vs_galore"), _vs(r, "adamw", "vs_adamw"), _gap_cell(r),
-             "-" if r["seconds_per_run"] is None else f"{r['seconds_per_run']:.0f}") for r in rows]
+    body = [
+        (
+            r["method"],
+            r["selector"],
+            f"{r['lr']:g}" + (" (grid edge)" if r["lr_at_edge"] else ""),
+            str(len(r["seeds"])),
+            fmt_mean_std(r["loss"], 4),
+            fmt_interval(r["loss"]["ci95"], 4),
+            fmt_mean_std(r["ppl"], 2),
+            fmt_interval(r["ppl"]["ci95"], 2),
+            _vs(r, "galore", "vs_galore"),
+            _vs(r, "adamw", "vs_adamw"),
+            _gap_cell(r),
+            "-" if r["seconds_per_run"] is None else f"{r['seconds_per_run']:.0f}",
+        )
+        for r in rows
+    ]
     return markdown_table(METHOD_HEADER, body)
 
 
 def gap_notes(rows: list[dict[str, Any]]) -> str:
     notes = sorted({r["gap_closed_note"] for r in rows if r["gap_closed"] is None and r["gap_closed_note"]})
-    return "\n".join(f"- gap closed \"-\": {note}" for note in notes)
+    return "\n".join(f'- gap closed "-": {note}' for note in notes)
 
 
 def sweep_table(sweep: list[dict[str, Any]]) -> str:
@@ -46,8 +69,9 @@ def sweep_table(sweep: list[dict[str, Any]]) -> str:
     header = ("method", *[f"lr {i + 1}: final loss" for i in range(width)], "best lr", "best at grid edge")
     body = []
     for r in sweep:
-        cells = [f"{lr:g}: " + ("failed" if loss is None else f"{loss:.4f}")
-                 for lr, loss in zip(r["lrs"], r["final_losses"])]
+        cells = [
+            f"{lr:g}: " + ("failed" if loss is None else f"{loss:.4f}") for lr, loss in zip(r["lrs"], r["final_losses"])
+        ]
         cells += ["-"] * (width - len(cells))
         body.append((r["method"], *cells, f"{r['best_lr']:g}", "YES: widen the grid" if r["at_edge"] else "no"))
     return markdown_table(header, body)
@@ -65,36 +89,54 @@ def overlap_table(overlaps: list[dict[str, Any]]) -> str:
         mlp = [v for t, v in r["by_type"].items() if t in ("gate_proj", "up_proj", "down_proj")]
         attn = [v for t, v in r["by_type"].items() if t in ("q_proj", "k_proj", "v_proj", "o_proj")]
         split = f"{sum(mlp) / len(mlp):.3f} / {sum(attn) / len(attn):.3f}" if mlp and attn else "-"
-        body.append((r["method"], r["selector"], str(r["runs"]),
-                     *[f"{at[s]:.3f}" if s in at else "-" for s in steps], f"{r['chance']:.3f}",
-                     f"{mean - r['chance']:+.3f}", split))
+        body.append(
+            (
+                r["method"],
+                r["selector"],
+                str(r["runs"]),
+                *[f"{at[s]:.3f}" if s in at else "-" for s in steps],
+                f"{r['chance']:.3f}",
+                f"{mean - r['chance']:+.3f}",
+                split,
+            )
+        )
     return markdown_table(header, body)
 
 
 def render_markdown(result: dict[str, Any]) -> str:
     meta, s = result["meta"], result["settings"]
-    head = (f"# Training quality: same token budget, embedded default recipe\n\n"
-            f"Device {meta['device']} ({meta['device_name']}), torch {meta['torch']}, {meta['args']['jobs']} run(s) "
-            f"at a time x {meta['args']['threads']} thread(s), {meta['cpu_count']} CPUs, {meta['date']}. Config "
-            f"`default`, {s['steps']} steps, {s['seeds']} seed(s) per method at its best lr; overrides: "
-            f"`{' '.join(s['common_overrides'])}`.\n")
+    head = (
+        f"# Training quality: same token budget, embedded default recipe\n\n"
+        f"Device {meta['device']} ({meta['device_name']}), torch {meta['torch']}, {meta['args']['jobs']} run(s) "
+        f"at a time x {meta['args']['threads']} thread(s), {meta['cpu_count']} CPUs, {meta['date']}. Config "
+        f"`default`, {s['steps']} steps, {s['seeds']} seed(s) per method at its best lr; overrides: "
+        f"`{' '.join(s['common_overrides'])}`.\n"
+    )
     failed = f"\n**Failed runs:** {', '.join(result['failed'])}\n" if result["failed"] else ""
-    return "\n".join([
-        head + failed,
-        "## Final validation loss and perplexity (best lr per method)\n",
-        "Differences are paired over seeds (same seed: same init and data order), method minus reference; `*`: the "
-        "95% Student-t interval excludes 0. Gap closed = (L_GaLore - L_method) / (L_GaLore - L_AdamW), only where "
-        "L_GaLore - L_AdamW is clearly positive. The randomized variants ran one seed at GaLore's / SARA's best lr.\n",
-        method_table(result["methods"]), "", gap_notes(result["methods"]), "",
-        f"**{result['verdict']}**\n",
-        "## Learning-rate sweep (seed 0)\n",
-        sweep_table(result["sweep"]), "",
-        "## Subspace overlap at each refresh\n",
-        "||B_old^T B_new||_F^2 / r, mean over the projected matrices and over seeds (runs at the best lr); r/d is the "
-        "chance level of two random subspaces; last column: mean over refreshes of the MLP and attention matrices.\n",
-        overlap_table(result["overlaps"]), "",
-        result["overlap_summary"], "",
-    ])
+    return "\n".join(
+        [
+            head + failed,
+            "## Final validation loss and perplexity (best lr per method)\n",
+            "Differences are paired over seeds (same seed: same init and data order), method minus reference; `*`: the "
+            "95% Student-t interval excludes 0. Gap closed = (L_GaLore - L_method) / (L_GaLore - L_AdamW), only where "
+            "L_GaLore - L_AdamW is clearly positive. The randomized variants ran one seed at GaLore's / SARA's best lr.\n",
+            method_table(result["methods"]),
+            "",
+            gap_notes(result["methods"]),
+            "",
+            f"**{result['verdict']}**\n",
+            "## Learning-rate sweep (seed 0)\n",
+            sweep_table(result["sweep"]),
+            "",
+            "## Subspace overlap at each refresh\n",
+            "||B_old^T B_new||_F^2 / r, mean over the projected matrices and over seeds (runs at the best lr); r/d is the "
+            "chance level of two random subspaces; last column: mean over refreshes of the MLP and attention matrices.\n",
+            overlap_table(result["overlaps"]),
+            "",
+            result["overlap_summary"],
+            "",
+        ]
+    )
 
 
 def _curve(records: list[dict[str, Any]], key: str, field: str) -> tuple[list[int], list[float]]:
@@ -124,8 +166,9 @@ def write_plots(result: dict[str, Any], out: Path) -> None:
         style = "--" if row["method"].endswith("_randomized") else "-"
         label = f"{row['method']} (lr {row['lr']:g}, n={len(row['seeds'])})"
         ax.plot(steps, losses, style, marker=".", color=_color(row["method"]), label=label)
-    ax.set(xlabel="optimizer step", ylabel="validation loss (mean over seeds)",
-           title="Validation loss, same token budget")
+    ax.set(
+        xlabel="optimizer step", ylabel="validation loss (mean over seeds)", title="Validation loss, same token budget"
+    )
     _zoom_losses(ax, result)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -136,13 +179,23 @@ def write_plots(result: dict[str, Any], out: Path) -> None:
     chance = None
     for row in result["overlaps"]:
         style = "--" if row["method"].endswith("_randomized") else "-"
-        ax.plot(row["steps"], row["overlap"], style, marker="o", color=_color(row["method"]),
-                label=f"{row['method']} ({row['selector']})")
+        ax.plot(
+            row["steps"],
+            row["overlap"],
+            style,
+            marker="o",
+            color=_color(row["method"]),
+            label=f"{row['method']} ({row['selector']})",
+        )
         chance = row["chance"]
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle=":", label=f"chance r/d = {chance:.3f}")
-    ax.set(xlabel="optimizer step (refresh)", ylabel="overlap ||B_old^T B_new||_F^2 / r", ylim=(0, 1.02),
-           title="Subspace overlap at each refresh (mean over matrices and seeds)")
+    ax.set(
+        xlabel="optimizer step (refresh)",
+        ylabel="overlap ||B_old^T B_new||_F^2 / r",
+        ylim=(0, 1.02),
+        title="Subspace overlap at each refresh (mean over matrices and seeds)",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "quality_overlap.png", dpi=110)

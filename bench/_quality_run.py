@@ -73,13 +73,18 @@ class QualityRecorder(RefreshSubscriber):
         if not metrics:  # the first refresh has no previous basis
             return
         prefix = "lowrank/overlap/"
-        self.refreshes.append({
-            "step": max(r.step for r in records),  # the refresh step
-            "overlap": metrics[prefix + "mean"],
-            "chance": metrics["lowrank/overlap_chance/mean"],
-            "by_type": {key[len(prefix):]: value for key, value in metrics.items()
-                        if key.startswith(prefix) and key != prefix + "mean"},
-        })
+        self.refreshes.append(
+            {
+                "step": max(r.step for r in records),  # the refresh step
+                "overlap": metrics[prefix + "mean"],
+                "chance": metrics["lowrank/overlap_chance/mean"],
+                "by_type": {
+                    key[len(prefix) :]: value
+                    for key, value in metrics.items()
+                    if key.startswith(prefix) and key != prefix + "mean"
+                },
+            }
+        )
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

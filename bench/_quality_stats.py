@@ -11,9 +11,38 @@ from collections.abc import Sequence
 from typing import Any
 
 # t_{0.975, df} for df = 1..30 (two-sided 95%); beyond 30 the normal 1.96 is within 2%.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 def t975(df: int) -> float:
@@ -62,8 +91,10 @@ def gap_closed(method_vs_galore: dict[str, Any], adamw_vs_galore: dict[str, Any]
         return None, "one seed: the gap has no uncertainty estimate"
     if not gap["ci95"][1] < 0:  # adamw - galore < 0 <=> galore - adamw > 0
         verdict = "clearly worse than" if gap["ci95"][0] > 0 else "not clearly better than"
-        return None, (f"AdamW is {verdict} GaLore (L_GaLore - L_AdamW = {-gap['mean']:.4f}, "
-                      f"95% interval [{-gap['ci95'][1]:.4f}, {-gap['ci95'][0]:.4f}]: no gap to close)")
+        return None, (
+            f"AdamW is {verdict} GaLore (L_GaLore - L_AdamW = {-gap['mean']:.4f}, "
+            f"95% interval [{-gap['ci95'][1]:.4f}, {-gap['ci95'][0]:.4f}]: no gap to close)"
+        )
     if method_vs_galore["mean"] is None:
         return None, "no common seeds with GaLore"
     return method_vs_galore["mean"] / gap["mean"], ""

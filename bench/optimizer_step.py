@@ -71,10 +71,30 @@ MODELS: dict[str, tuple[LlamaConfig, int, tuple[int, ...]]] = {
     "1b": (llama_preset("1b"), 512, (128, 256, 512)),
 }
 REFRESH_TARGET_MODELS = ("1b", "tiny")  # the refresh target is about the 1B shapes; tiny exercises it under --quick
-STEP_COLUMNS = ("model", "variant", "rank", "step_median_s", "step_quartiles_s", "floor_ratio", "galore_ratio",
-                "adamw_ratio", "state_bytes", "state_ratio")
-REFRESH_COLUMNS = ("model", "shape", "side", "per_layer", "rank", "selector", "timed_rank", "median_s", "quartiles_s",
-                   "speedup")
+STEP_COLUMNS = (
+    "model",
+    "variant",
+    "rank",
+    "step_median_s",
+    "step_quartiles_s",
+    "floor_ratio",
+    "galore_ratio",
+    "adamw_ratio",
+    "state_bytes",
+    "state_ratio",
+)
+REFRESH_COLUMNS = (
+    "model",
+    "shape",
+    "side",
+    "per_layer",
+    "rank",
+    "selector",
+    "timed_rank",
+    "median_s",
+    "quartiles_s",
+    "speedup",
+)
 LAYER_COLUMNS = ("model", "rank", "selector", "layer_s", "speedup")
 
 
@@ -140,8 +160,15 @@ class Floor:
 
 
 # ------------------------------------------------------------------------------------------------- step time
-def build_variant(variant: str, config: LlamaConfig, rank: int, device: torch.device, grads: dict[str, torch.Tensor],
-                  galore: type | None, bases: dict[str, torch.Tensor]) -> Any:
+def build_variant(
+    variant: str,
+    config: LlamaConfig,
+    rank: int,
+    device: torch.device,
+    grads: dict[str, torch.Tensor],
+    galore: type | None,
+    bases: dict[str, torch.Tensor],
+) -> Any:
     """The optimizer (or floor) of ``variant`` on its own copy of the model, gradients attached."""
     with torch.device(device):
         model = Llama(config)
@@ -150,8 +177,17 @@ def build_variant(variant: str, config: LlamaConfig, rank: int, device: torch.de
         param.grad = grads[name]
     if variant.startswith("lowrank-"):
         lowrank = {"rank": rank, "seed": 0, "selector": variant.removeprefix("lowrank-")}
-        return build_optimizer(model, {"name": "lowrank", "lr": LR, "betas": BETAS, "eps": EPS, "lowrank": lowrank,
-                                       "refresh": {"update_gap": 10**9}})
+        return build_optimizer(
+            model,
+            {
+                "name": "lowrank",
+                "lr": LR,
+                "betas": BETAS,
+                "eps": EPS,
+                "lowrank": lowrank,
+                "refresh": {"update_gap": 10**9},
+            },
+        )
     if variant == "adamw":
         return torch.optim.AdamW(named.values(), lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, foreach=True)
     # floor and galore-torch: the same low-rank parameters (and, for the floor, bases) as lowrank-dominant's.
@@ -165,8 +201,9 @@ def build_variant(variant: str, config: LlamaConfig, rank: int, device: torch.de
     return galore(groups, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, no_deprecation_warning=True)
 
 
-def measure_steps(model_name: str, device: torch.device, repeats: int, warmup: int,
-                  galore: type | None) -> list[dict[str, Any]]:
+def measure_steps(
+    model_name: str, device: torch.device, repeats: int, warmup: int, galore: type | None
+) -> list[dict[str, Any]]:
     """Step time and state bytes of every variant on ``model_name``'s shapes, stepped round-robin."""
     config, rank, _ = MODELS[model_name]
     with torch.device("meta"):
@@ -184,8 +221,12 @@ def measure_steps(model_name: str, device: torch.device, repeats: int, warmup: i
             runs[variant].step()  # untimed: creates the states and the bases; no refresh after this one
         if variant == "lowrank-dominant":  # the floor projects on the same bases
             opt = runs[variant]
-            bases = {n: opt.state[p]["lowrank_basis"] for g in opt.param_groups if g["rank"]
-                     for n, p in zip(g["param_names"], g["params"])}
+            bases = {
+                n: opt.state[p]["lowrank_basis"]
+                for g in opt.param_groups
+                if g["rank"]
+                for n, p in zip(g["param_names"], g["params"])
+            }
     runs["floor"].step()
     for _ in range(warmup):
         for optimizer in runs.values():
@@ -194,9 +235,18 @@ def measure_steps(model_name: str, device: torch.device, repeats: int, warmup: i
     for _ in range(repeats):
         for variant, optimizer in runs.items():
             times[variant].append(timed(optimizer.step, device))
-    rows = [{"model": model_name, "variant": v, "rank": None if v == "adamw" else rank,
-             "step_median_s": median(times[v]), "step_quartiles_s": quartiles(times[v]), "step_times_s": times[v],
-             "state_bytes": state_bytes(runs[v])} for v in runs]
+    rows = [
+        {
+            "model": model_name,
+            "variant": v,
+            "rank": None if v == "adamw" else rank,
+            "step_median_s": median(times[v]),
+            "step_quartiles_s": quartiles(times[v]),
+            "step_times_s": times[v],
+            "state_bytes": state_bytes(runs[v]),
+        }
+        for v in runs
+    ]
     ref = {row["variant"]: row for row in rows}
     for row in rows:
         for column, other in (("floor_ratio", "floor"), ("galore_ratio", "galore-torch"), ("adamw_ratio", "adamw")):
@@ -238,9 +288,20 @@ def measure_refresh(model_name: str, device: torch.device, repeats: int, exact_a
                 exact = {name: times[name] for name in selectors if FULL_RULE[name] == name}
             for name in selectors:
                 values = times.get(name, exact.get(name))
-                rows.append({"model": model_name, "shape": "x".join(map(str, shape)), "side": side, "per_layer": count,
-                             "rank": rank, "selector": name, "timed_rank": rank if name in times else ranks[0],
-                             "median_s": median(values), "quartiles_s": quartiles(values), "times_s": values})
+                rows.append(
+                    {
+                        "model": model_name,
+                        "shape": "x".join(map(str, shape)),
+                        "side": side,
+                        "per_layer": count,
+                        "rank": rank,
+                        "selector": name,
+                        "timed_rank": rank if name in times else ranks[0],
+                        "median_s": median(values),
+                        "quartiles_s": quartiles(values),
+                        "times_s": values,
+                    }
+                )
     full = {(r["shape"], r["rank"], r["selector"]): r["median_s"] for r in rows}
     for row in rows:
         row["speedup"] = full[(row["shape"], row["rank"], FULL_RULE[row["selector"]])] / row["median_s"]
@@ -253,8 +314,10 @@ def layer_totals(refresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in refresh:
         key = (row["model"], row["rank"], row["selector"])
         totals[key] = totals.get(key, 0.0) + row["per_layer"] * row["median_s"]
-    return [{"model": m, "rank": r, "selector": s, "layer_s": t, "speedup": totals[(m, r, FULL_RULE[s])] / t}
-            for (m, r, s), t in totals.items()]
+    return [
+        {"model": m, "rank": r, "selector": s, "layer_s": t, "speedup": totals[(m, r, FULL_RULE[s])] / t}
+        for (m, r, s), t in totals.items()
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -264,21 +327,37 @@ def check_targets(steps: list[dict[str, Any]], layers: list[dict[str, Any]]) -> 
     targets = []
     for model in dict.fromkeys(row["model"] for row in steps):
         low = [r for r in steps if r["model"] == model and r["variant"].startswith("lowrank-")]
-        for name, column, limit in (("low-rank step vs floor", "floor_ratio", 1.2),
-                                    ("low-rank step vs galore-torch", "galore_ratio", 1.0)):
+        for name, column, limit in (
+            ("low-rank step vs floor", "floor_ratio", 1.2),
+            ("low-rank step vs galore-torch", "galore_ratio", 1.0),
+        ):
             if low[0][column] is None:
                 continue  # galore-torch absent: noted in the results instead
             worst = max(low, key=lambda r: r[column])
-            targets.append({"target": f"{name} ({model}, worst selector)", "measured": worst[column], "op": "<=",
-                            "limit": limit, "ok": worst[column] <= limit, "note": worst["variant"]})
+            targets.append(
+                {
+                    "target": f"{name} ({model}, worst selector)",
+                    "measured": worst[column],
+                    "op": "<=",
+                    "limit": limit,
+                    "ok": worst[column] <= limit,
+                    "note": worst["variant"],
+                }
+            )
     for row in layers:
         if row["selector"].startswith("randomized"):
             model, rank = row["model"], row["rank"]
             is_target = model in REFRESH_TARGET_MODELS and rank == MODELS[model][2][0]
-            targets.append({"target": f"{row['selector']} refresh speedup ({model} layer, rank {rank})",
-                            "measured": row["speedup"], "op": ">=", "limit": 10.0 if is_target else None,
-                            "ok": row["speedup"] >= 10.0 if is_target else None,
-                            "note": f"vs {FULL_RULE[row['selector']]}" + ("" if is_target else ", reported only")})
+            targets.append(
+                {
+                    "target": f"{row['selector']} refresh speedup ({model} layer, rank {rank})",
+                    "measured": row["speedup"],
+                    "op": ">=",
+                    "limit": 10.0 if is_target else None,
+                    "ok": row["speedup"] >= 10.0 if is_target else None,
+                    "note": f"vs {FULL_RULE[row['selector']]}" + ("" if is_target else ", reported only"),
+                }
+            )
     return targets
 
 
@@ -297,56 +376,107 @@ def _cell(value: float, speedup: float, selector: str) -> str:
 
 def report(result: dict[str, Any]) -> str:
     meta = result["meta"]
-    step_body = [(r["model"], r["variant"], str(r["rank"] or "-"),
-                  f"{_ms(r['step_median_s'])} ({_ms(r['step_quartiles_s'][0])}-{_ms(r['step_quartiles_s'][1])})",
-                  _ratio(r["floor_ratio"]), _ratio(r["galore_ratio"]), _ratio(r["adamw_ratio"]), mib(r["state_bytes"]),
-                  f"{r['state_ratio']:.3f}x") for r in result["steps"]]
+    step_body = [
+        (
+            r["model"],
+            r["variant"],
+            str(r["rank"] or "-"),
+            f"{_ms(r['step_median_s'])} ({_ms(r['step_quartiles_s'][0])}-{_ms(r['step_quartiles_s'][1])})",
+            _ratio(r["floor_ratio"]),
+            _ratio(r["galore_ratio"]),
+            _ratio(r["adamw_ratio"]),
+            mib(r["state_bytes"]),
+            f"{r['state_ratio']:.3f}x",
+        )
+        for r in result["steps"]
+    ]
     # Refresh tables: one row per (model, shape, rank) and per (model, rank), one column per selector.
     cells: dict[tuple[str, ...], dict[str, dict[str, Any]]] = {}
     for r in result["refresh"]:
         key = (r["model"], r["shape"], r["side"], str(r["per_layer"]), str(r["rank"]))
         cells.setdefault(key, {})[r["selector"]] = r
-    refresh_body = [(*key, *(_cell(by[s]["median_s"], by[s]["speedup"], s) for s in SELECTOR_NAMES))
-                    for key, by in cells.items()]
+    refresh_body = [
+        (*key, *(_cell(by[s]["median_s"], by[s]["speedup"], s) for s in SELECTOR_NAMES)) for key, by in cells.items()
+    ]
     totals: dict[tuple[str, ...], dict[str, dict[str, Any]]] = {}
     for r in result["layers"]:
         totals.setdefault((r["model"], str(r["rank"])), {})[r["selector"]] = r
-    layer_body = [(*key, *(_cell(by[s]["layer_s"], by[s]["speedup"], s) for s in SELECTOR_NAMES))
-                  for key, by in totals.items()]
-    goals = [(t["target"], f"{t['measured']:.2f}x", "-" if t["limit"] is None else f"{t['op']} {t['limit']}x",
-              {True: "PASS", False: "FAIL", None: "-"}[t["ok"]], t["note"]) for t in result["targets"]]
+    layer_body = [
+        (*key, *(_cell(by[s]["layer_s"], by[s]["speedup"], s) for s in SELECTOR_NAMES)) for key, by in totals.items()
+    ]
+    goals = [
+        (
+            t["target"],
+            f"{t['measured']:.2f}x",
+            "-" if t["limit"] is None else f"{t['op']} {t['limit']}x",
+            {True: "PASS", False: "FAIL", None: "-"}[t["ok"]],
+            t["note"],
+        )
+        for t in result["targets"]
+    ]
     args = meta["args"]
-    return "\n\n".join([
-        f"Optimizer step: device {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
-        f"{meta['threads']} threads / {meta['cpu_count']} CPUs, load {meta['load_average']}, {meta['date']}; "
-        f"galore-torch: {result['galore_torch']['version'] or result['galore_torch']['note']}\n"
-        f"step: fp32, {args['repeats']} round-robin repeats (median, IQR), refreshes excluded; ratios are of medians",
-        markdown_table(("model", "variant", "rank", "step ms (IQR)", "x floor", "x galore-torch", "x adamw",
-                        "state MiB", "state x adamw"), step_body),
-        f"refresh: median ms of one select() call per shape, {args['refresh_repeats']} round-robin repeats; "
-        "(speedup) = the exact rule's time / this selector's (random: vs dominant)"
-        + ("" if args["exact_all_ranks"] else f"; dominant and importance (full SVD, whatever r) timed at the first "
-           "rank of each model only"),
-        markdown_table(("model", "shape", "side", "per layer", "rank", *(f"{s} ms" for s in SELECTOR_NAMES)),
-                       refresh_body),
-        "one decoder layer (each shape times its count): ms (speedup over the exact rule)",
-        markdown_table(("model", "rank", *(f"{s} ms" for s in SELECTOR_NAMES)), layer_body),
-        markdown_table(("target", "measured", "limit", "result", "note"), goals),
-        *result["notes"],
-    ])
+    return "\n\n".join(
+        [
+            f"Optimizer step: device {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
+            f"{meta['threads']} threads / {meta['cpu_count']} CPUs, load {meta['load_average']}, {meta['date']}; "
+            f"galore-torch: {result['galore_torch']['version'] or result['galore_torch']['note']}\n"
+            f"step: fp32, {args['repeats']} round-robin repeats (median, IQR), refreshes excluded; ratios are of medians",
+            markdown_table(
+                (
+                    "model",
+                    "variant",
+                    "rank",
+                    "step ms (IQR)",
+                    "x floor",
+                    "x galore-torch",
+                    "x adamw",
+                    "state MiB",
+                    "state x adamw",
+                ),
+                step_body,
+            ),
+            f"refresh: median ms of one select() call per shape, {args['refresh_repeats']} round-robin repeats; "
+            "(speedup) = the exact rule's time / this selector's (random: vs dominant)"
+            + (
+                ""
+                if args["exact_all_ranks"]
+                else f"; dominant and importance (full SVD, whatever r) timed at the first rank of each model only"
+            ),
+            markdown_table(
+                ("model", "shape", "side", "per layer", "rank", *(f"{s} ms" for s in SELECTOR_NAMES)), refresh_body
+            ),
+            "one decoder layer (each shape times its count): ms (speedup over the exact rule)",
+            markdown_table(("model", "rank", *(f"{s} ms" for s in SELECTOR_NAMES)), layer_body),
+            markdown_table(("target", "measured", "limit", "result", "note"), goals),
+            *result["notes"],
+        ]
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="*", choices=sorted(MODELS), default=["60m", "130m"],
-                        help="weight shapes of the step timing (rank: 60m 128, 130m 256)")
-    parser.add_argument("--refresh-models", nargs="*", choices=sorted(MODELS), default=["1b", "60m", "130m"],
-                        help="shapes of the refresh timing (1b: ranks 128, 256, 512; the first is the target's)")
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        choices=sorted(MODELS),
+        default=["60m", "130m"],
+        help="weight shapes of the step timing (rank: 60m 128, 130m 256)",
+    )
+    parser.add_argument(
+        "--refresh-models",
+        nargs="*",
+        choices=sorted(MODELS),
+        default=["1b", "60m", "130m"],
+        help="shapes of the refresh timing (1b: ranks 128, 256, 512; the first is the target's)",
+    )
     parser.add_argument("--repeats", type=int, default=10, help="timed round-robin step rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after the state-creating step")
     parser.add_argument("--refresh-repeats", type=int, default=3, help="round-robin rounds per refresh shape and rank")
-    parser.add_argument("--exact-all-ranks", action="store_true",
-                        help="time the full-SVD rules at every refresh rank, not only the first (their cost ignores r)")
+    parser.add_argument(
+        "--exact-all-ranks",
+        action="store_true",
+        help="time the full-SVD rules at every refresh rank, not only the first (their cost ignores r)",
+    )
     parser.add_argument("--no-galore", action="store_true", help="skip galore-torch even when it imports")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
@@ -361,19 +491,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def write_results(out: Path, args: argparse.Namespace, meta: dict[str, Any], galore: type | None, galore_info: str,
-                  notes: list[str], steps: list[dict[str, Any]], refresh: list[dict[str, Any]]) -> str:
+def write_results(
+    out: Path,
+    args: argparse.Namespace,
+    meta: dict[str, Any],
+    galore: type | None,
+    galore_info: str,
+    notes: list[str],
+    steps: list[dict[str, Any]],
+    refresh: list[dict[str, Any]],
+) -> str:
     """Writes the JSON and markdown of what was measured so far; returns the markdown."""
     layers = layer_totals(refresh)
     targets = check_targets(steps, layers)
-    result = {"meta": meta, "galore_torch": {"available": galore is not None,
-                                             "version": galore_info if galore else None,
-                                             "note": None if galore else galore_info},
-              "models": {m: {"config": vars(MODELS[m][0]), "rank": MODELS[m][1], "refresh_ranks": list(MODELS[m][2])}
-                         for m in dict.fromkeys(args.models + args.refresh_models)},
-              "step_columns": list(STEP_COLUMNS), "refresh_columns": list(REFRESH_COLUMNS),
-              "layer_columns": list(LAYER_COLUMNS), "steps": steps, "refresh": refresh, "layers": layers,
-              "targets": targets, "notes": notes}
+    result = {
+        "meta": meta,
+        "galore_torch": {
+            "available": galore is not None,
+            "version": galore_info if galore else None,
+            "note": None if galore else galore_info,
+        },
+        "models": {
+            m: {"config": vars(MODELS[m][0]), "rank": MODELS[m][1], "refresh_ranks": list(MODELS[m][2])}
+            for m in dict.fromkeys(args.models + args.refresh_models)
+        },
+        "step_columns": list(STEP_COLUMNS),
+        "refresh_columns": list(REFRESH_COLUMNS),
+        "layer_columns": list(LAYER_COLUMNS),
+        "steps": steps,
+        "refresh": refresh,
+        "layers": layers,
+        "targets": targets,
+        "notes": notes,
+    }
     text = report(result)
     out.write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(text + "\n")

@@ -85,41 +85,72 @@ LR_GRIDS: dict[str, tuple[float, ...]] = {m: ADAMW_GRID if m == "adamw" else LOW
 # every 50 steps on 64 held-out sequences, no overlap images, checkpoints only at the end (last.ckpt).
 VAL_EVERY = 50
 FULL_OVERRIDES = (
-    "optimizer.refresh.update_gap=50", f"trainer.val_every_n_steps={VAL_EVERY}", "trainer.log_every_n_steps=50",
-    "trainer.checkpoint_every_n_steps=100000", "monitor.image_interval=null", "data.val_sequences=64",
+    "optimizer.refresh.update_gap=50",
+    f"trainer.val_every_n_steps={VAL_EVERY}",
+    "trainer.log_every_n_steps=50",
+    "trainer.checkpoint_every_n_steps=100000",
+    "monitor.image_interval=null",
+    "data.val_sequences=64",
 )
 # --quick: a tiny model, rank 8, on the first 100 documents of the corpus (its own small BPE, cached after the
 # first run).
 QUICK_OVERRIDES = (
-    "model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=2", "model.num_layers=1",
-    "model.max_seq_len=32", "data.seq_len=32", "data.micro_batch_size=4", "trainer.global_batch_size=4",
-    "data.max_documents=100", "data.val_sequences=8", "optimizer.lowrank.rank=8", "optimizer.refresh.update_gap=4",
-    "trainer.val_every_n_steps=8", "trainer.log_every_n_steps=8", "trainer.checkpoint_every_n_steps=100000",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_heads=2",
+    "model.num_layers=1",
+    "model.max_seq_len=32",
+    "data.seq_len=32",
+    "data.micro_batch_size=4",
+    "trainer.global_batch_size=4",
+    "data.max_documents=100",
+    "data.val_sequences=8",
+    "optimizer.lowrank.rank=8",
+    "optimizer.refresh.update_gap=4",
+    "trainer.val_every_n_steps=8",
+    "trainer.log_every_n_steps=8",
+    "trainer.checkpoint_every_n_steps=100000",
     "monitor.image_interval=null",
 )
 
 
 # ----------------------------------------------------------------------------------------------------- planning
-def overrides_for(args: argparse.Namespace, method_overrides: tuple[str, ...], lr: float, seed: int,
-                  accelerator: str) -> tuple[str, ...]:
+def overrides_for(
+    args: argparse.Namespace, method_overrides: tuple[str, ...], lr: float, seed: int, accelerator: str
+) -> tuple[str, ...]:
     base = QUICK_OVERRIDES if args.quick else FULL_OVERRIDES
-    return (*base, *method_overrides, f"trainer.max_steps={args.steps}", f"optimizer.lr={lr}", f"seed={seed}",
-            f"trainer.accelerator={accelerator}")
+    return (
+        *base,
+        *method_overrides,
+        f"trainer.max_steps={args.steps}",
+        f"optimizer.lr={lr}",
+        f"seed={seed}",
+        f"trainer.accelerator={accelerator}",
+    )
 
 
 def sweep_specs(args: argparse.Namespace, accelerator: str) -> list[RunSpec]:
     specs = []
     for method, (_, method_overrides) in METHODS.items():
         grid = (LR_GRIDS[method][len(LR_GRIDS[method]) // 2],) if args.quick else LR_GRIDS[method]
-        specs += [RunSpec(method, lr, 0, "sweep", overrides_for(args, method_overrides, lr, 0, accelerator))
-                  for lr in grid]
+        specs += [
+            RunSpec(method, lr, 0, "sweep", overrides_for(args, method_overrides, lr, 0, accelerator)) for lr in grid
+        ]
     return specs
 
 
 def seed_specs(args: argparse.Namespace, best: dict[str, float], accelerator: str) -> list[RunSpec]:
-    specs = [RunSpec(method, best[method], seed, "seeds",
-                     overrides_for(args, METHODS[method][1], best[method], seed, accelerator))
-             for method in METHODS for seed in range(1, args.seeds)]
+    specs = [
+        RunSpec(
+            method,
+            best[method],
+            seed,
+            "seeds",
+            overrides_for(args, METHODS[method][1], best[method], seed, accelerator),
+        )
+        for method in METHODS
+        for seed in range(1, args.seeds)
+    ]
     for name, (selector, lr_from) in RANDOMIZED.items():
         overrides = overrides_for(args, (f"optimizer.lowrank.selector={selector}",), best[lr_from], 0, accelerator)
         specs.append(RunSpec(name, best[lr_from], 0, "randomized", overrides))
@@ -136,8 +167,9 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_phase(specs: list[RunSpec], args: argparse.Namespace, pool: ProcessPoolExecutor | None,
-              progress: dict[str, Any]) -> list[dict[str, Any]]:
+def run_phase(
+    specs: list[RunSpec], args: argparse.Namespace, pool: ProcessPoolExecutor | None, progress: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Runs ``specs`` (in this process, or ``args.jobs`` at a time in the pool) and prints progress with an ETA."""
     if pool is None:
         results = []
@@ -159,8 +191,11 @@ def _progress(record: dict[str, Any], progress: dict[str, Any]) -> None:
     left = (progress["total"] - progress["done"]) * elapsed / progress["done"]
     loss = "-" if record["final_loss"] is None else f"{record['final_loss']:.4f}"
     status = f"FAILED: {record['error']}" if record.get("error") else f"val loss {loss}"
-    print(f"[{progress['done']}/{progress['total']}] {record['name']}: {status} ({record['seconds']:.1f} s; "
-          f"elapsed {elapsed / 60:.1f} min, about {left / 60:.1f} min left)", flush=True)
+    print(
+        f"[{progress['done']}/{progress['total']}] {record['name']}: {status} ({record['seconds']:.1f} s; "
+        f"elapsed {elapsed / 60:.1f} min, about {left / 60:.1f} min left)",
+        flush=True,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- analysis
@@ -174,14 +209,24 @@ def best_lrs(sweep: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict[s
         best[method] = winner["lr"]
         grid = [r["lr"] for r in runs]
         edge = len(grid) > 1 and winner["lr"] in (grid[0], grid[-1])
-        rows.append({"method": method, "lrs": grid, "final_losses": [r["final_loss"] for r in runs],
-                     "best_lr": winner["lr"], "at_edge": edge})
+        rows.append(
+            {
+                "method": method,
+                "lrs": grid,
+                "final_losses": [r["final_loss"] for r in runs],
+                "best_lr": winner["lr"],
+                "at_edge": edge,
+            }
+        )
     return best, rows
 
 
 def _losses_by_seed(records: list[dict[str, Any]], method: str, lr: float, key: str = "final_loss") -> dict[int, float]:
-    return {r["seed"]: r[key] for r in records
-            if r["method"] == method and r["lr"] == lr and r[key] is not None and math.isfinite(r[key])}
+    return {
+        r["seed"]: r[key]
+        for r in records
+        if r["method"] == method and r["lr"] == lr and r[key] is not None and math.isfinite(r[key])
+    }
 
 
 def method_rows(records: list[dict[str, Any]], best: dict[str, float], edges: set[str]) -> list[dict[str, Any]]:
@@ -198,14 +243,22 @@ def method_rows(records: list[dict[str, Any]], best: dict[str, float], edges: se
         if method in ("adamw", "galore") and fraction is not None:
             why = "reference"  # 1 and 0 by definition
         seconds = [r["seconds"] for r in records if r["method"] == method and r["lr"] == lr]
-        rows.append({
-            "method": method, "selector": selector or "full rank", "lr": lr, "seeds": sorted(losses[method]),
-            "lr_at_edge": (RANDOMIZED[method][1] if method in RANDOMIZED else method) in edges,
-            "loss": summarize(list(losses[method].values())), "ppl": summarize(list(ppls[method].values())),
-            "vs_galore": vs_galore, "vs_adamw": paired_difference(losses[method], losses["adamw"]),
-            "gap_closed": fraction, "gap_closed_note": why,
-            "seconds_per_run": sum(seconds) / len(seconds) if seconds else None,
-        })
+        rows.append(
+            {
+                "method": method,
+                "selector": selector or "full rank",
+                "lr": lr,
+                "seeds": sorted(losses[method]),
+                "lr_at_edge": (RANDOMIZED[method][1] if method in RANDOMIZED else method) in edges,
+                "loss": summarize(list(losses[method].values())),
+                "ppl": summarize(list(ppls[method].values())),
+                "vs_galore": vs_galore,
+                "vs_adamw": paired_difference(losses[method], losses["adamw"]),
+                "gap_closed": fraction,
+                "gap_closed_note": why,
+                "seconds_per_run": sum(seconds) / len(seconds) if seconds else None,
+            }
+        )
     return rows
 
 
@@ -220,14 +273,20 @@ def overlap_rows(records: list[dict[str, Any]], best: dict[str, float]) -> list[
         steps = sorted({e["step"] for r in runs for e in r["refreshes"]})
         at = {s: [e for r in runs for e in r["refreshes"] if e["step"] == s] for s in steps}
         types = sorted({t for r in runs for e in r["refreshes"] for t in e["by_type"]})
-        rows.append({
-            "method": method, "selector": METHODS[method][0] if method in METHODS else RANDOMIZED[method][0],
-            "runs": len(runs), "steps": steps,
-            "overlap": [sum(e["overlap"] for e in at[s]) / len(at[s]) for s in steps],
-            "chance": sum(e["chance"] for s in steps for e in at[s]) / sum(len(at[s]) for s in steps),
-            "by_type": {t: sum(e["by_type"].get(t, 0.0) for s in steps for e in at[s]) / sum(len(at[s]) for s in steps)
-                        for t in types},
-        })
+        rows.append(
+            {
+                "method": method,
+                "selector": METHODS[method][0] if method in METHODS else RANDOMIZED[method][0],
+                "runs": len(runs),
+                "steps": steps,
+                "overlap": [sum(e["overlap"] for e in at[s]) / len(at[s]) for s in steps],
+                "chance": sum(e["chance"] for s in steps for e in at[s]) / sum(len(at[s]) for s in steps),
+                "by_type": {
+                    t: sum(e["by_type"].get(t, 0.0) for s in steps for e in at[s]) / sum(len(at[s]) for s in steps)
+                    for t in types
+                },
+            }
+        )
     return rows
 
 
@@ -237,15 +296,19 @@ def verdict(rows: list[dict[str, Any]]) -> str:
     diff = sara["vs_galore"]
     if diff["mean"] is None or diff["ci95"] is None:
         return "Whether importance sampling (SARA) beats GaLore cannot be said: fewer than two common seeds."
-    span = (f"SARA - GaLore = {diff['mean']:+.4f} in final validation loss, 95% interval over {diff['n']} paired "
-            f"seeds [{diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}]")
+    span = (
+        f"SARA - GaLore = {diff['mean']:+.4f} in final validation loss, 95% interval over {diff['n']} paired "
+        f"seeds [{diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}]"
+    )
     if diff["ci95"][1] < 0:
         return f"Importance sampling (SARA) beats GaLore beyond the seed spread ({span})."
     if diff["ci95"][0] > 0:
         return f"Importance sampling (SARA) is worse than GaLore beyond the seed spread ({span})."
     better = "lower" if diff["mean"] < 0 else "higher"
-    return (f"Importance sampling (SARA) does not beat GaLore beyond the seed spread: its mean loss is {better}, but "
-            f"the interval includes zero ({span}).")
+    return (
+        f"Importance sampling (SARA) does not beat GaLore beyond the seed spread: its mean loss is {better}, but "
+        f"the interval includes zero ({span})."
+    )
 
 
 def overlap_sentence(overlaps: list[dict[str, Any]]) -> str:
@@ -257,12 +320,14 @@ def overlap_sentence(overlaps: list[dict[str, Any]]) -> str:
     chance = by["golore"]["chance"]
     ordered = mean["galore"] > mean["sara"] > mean["golore"]
     g = by["galore"]["overlap"]
-    return (f"Mean overlap over refreshes: dominant (GaLore) {mean['galore']:.3f}, importance (SARA) "
-            f"{mean['sara']:.3f}, random (GoLore) {mean['golore']:.3f}, chance r/d {chance:.3f}: the ordering "
-            f"dominant > importance > random {'holds' if ordered else 'does NOT hold'}; random - chance = "
-            f"{mean['golore'] - chance:+.3f}; "
-            f"the dominant overlap goes from {g[0]:.3f} (step {by['galore']['steps'][0]}) to {g[-1]:.3f} "
-            f"(step {by['galore']['steps'][-1]}).")
+    return (
+        f"Mean overlap over refreshes: dominant (GaLore) {mean['galore']:.3f}, importance (SARA) "
+        f"{mean['sara']:.3f}, random (GoLore) {mean['golore']:.3f}, chance r/d {chance:.3f}: the ordering "
+        f"dominant > importance > random {'holds' if ordered else 'does NOT hold'}; random - chance = "
+        f"{mean['golore'] - chance:+.3f}; "
+        f"the dominant overlap goes from {g[0]:.3f} (step {by['galore']['steps'][0]}) to {g[-1]:.3f} "
+        f"(step {by['galore']['steps'][-1]})."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
@@ -270,20 +335,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (the token budget)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method at its best lr (the sweep is seed 0)")
-    parser.add_argument("--jobs", type=int, default=None, help="runs at once, each in its own worker process; 1 runs "
-                        "them in this process (default: 2, or 1 with --quick)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs at once, each in its own worker process; 1 runs "
+        "them in this process (default: 2, or 1 with --quick)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda")
     parser.add_argument("--out-dir", default="bench/results", help="where quality.md/.json and the PNGs go")
-    parser.add_argument("--work-dir", default=None, help="run outputs (TensorBoard, checkpoints, logs); default: a "
-                        "temporary directory, deleted at the end")
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="run outputs (TensorBoard, checkpoints, logs); default: a temporary directory, deleted at the end",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, 16 steps, one lr, 2 seeds (about a minute)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.seeds = 16, 2
     if not args.quick and args.steps % VAL_EVERY:
-        parser.error(f"--steps must be a multiple of {VAL_EVERY} (the validation interval), so that the last "
-                     "validation is the final step's")
+        parser.error(
+            f"--steps must be a multiple of {VAL_EVERY} (the validation interval), so that the last "
+            "validation is the final step's"
+        )
     if args.jobs is None:
         # Two runs at once, one thread each, beat one run on two threads for this model size (measured on 2 busy
         # cores: 2 x 50 steps in 103 s vs 151+ s); --quick's tiny runs are dominated by start-up, so in-process.
@@ -303,8 +378,9 @@ def execute(args: argparse.Namespace, accelerator: str) -> tuple[Records, dict[s
     progress = {"done": 0, "total": planned_runs(args), "start": time.perf_counter()}
     pool = None
     if args.jobs > 1:
-        pool = ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_init_worker,
-                                   initargs=(args.threads,))
+        pool = ProcessPoolExecutor(
+            args.jobs, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(args.threads,)
+        )
     try:
         sweep = run_phase(sweep_specs(args, accelerator), args, pool, progress)
         best, sweep_rows = best_lrs(sweep)
@@ -329,9 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     # seconds per run on 2 quiet cores: ~0.3 s/step on one thread, plus ~10 s of start-up (tokenising the corpus)
     # and validation; --quick: start-up only
     per_run = 5.0 if args.quick else 0.3 * args.steps + 10
-    print(f"quality benchmark: {total} runs of {args.steps} steps on {device}, {args.jobs} at a time x "
-          f"{args.threads} threads; ETA about {total * per_run / args.jobs / 60:.0f} min (refined as runs finish); "
-          f"run outputs in {args.work_dir}", flush=True)
+    print(
+        f"quality benchmark: {total} runs of {args.steps} steps on {device}, {args.jobs} at a time x "
+        f"{args.threads} threads; ETA about {total * per_run / args.jobs / 60:.0f} min (refined as runs finish); "
+        f"run outputs in {args.work_dir}",
+        flush=True,
+    )
     records, best, sweep_rows = execute(args, accelerator)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -339,9 +418,17 @@ def main(argv: list[str] | None = None) -> int:
     (out / "quality.json").write_text(json.dumps({"meta": meta, "runs": records}, indent=2) + "\n")
     rows = method_rows(records, best, {r["method"] for r in sweep_rows if r["at_edge"]})
     overlaps = overlap_rows(records, best)
-    result = {"meta": meta, "settings": settings(args, accelerator), "methods": rows, "sweep": sweep_rows,
-              "overlaps": overlaps, "verdict": verdict(rows), "overlap_summary": overlap_sentence(overlaps),
-              "runs": records, "failed": [r["name"] for r in records if r.get("error")]}
+    result = {
+        "meta": meta,
+        "settings": settings(args, accelerator),
+        "methods": rows,
+        "sweep": sweep_rows,
+        "overlaps": overlaps,
+        "verdict": verdict(rows),
+        "overlap_summary": overlap_sentence(overlaps),
+        "runs": records,
+        "failed": [r["name"] for r in records if r.get("error")],
+    }
     (out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     markdown = render_markdown(result)
     (out / "quality.md").write_text(markdown)
@@ -365,12 +452,17 @@ def snapshot_config(work_dir: str) -> str:
 
 def settings(args: argparse.Namespace, accelerator: str) -> dict[str, Any]:
     digest = hashlib.sha256(Path(args.config).read_bytes()).hexdigest()
-    return {"config": "default", "config_sha256": digest, "steps": args.steps, "seeds": args.seeds,
-            "accelerator": accelerator,
-            "common_overrides": list(QUICK_OVERRIDES if args.quick else FULL_OVERRIDES),
-            "methods": {m: list(o) for m, (_, o) in METHODS.items()},
-            "randomized": {m: {"selector": s, "lr_from": f} for m, (s, f) in RANDOMIZED.items()},
-            "lr_grids": {m: list(g[len(g) // 2:len(g) // 2 + 1] if args.quick else g) for m, g in LR_GRIDS.items()}}
+    return {
+        "config": "default",
+        "config_sha256": digest,
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "accelerator": accelerator,
+        "common_overrides": list(QUICK_OVERRIDES if args.quick else FULL_OVERRIDES),
+        "methods": {m: list(o) for m, (_, o) in METHODS.items()},
+        "randomized": {m: {"selector": s, "lr_from": f} for m, (s, f) in RANDOMIZED.items()},
+        "lr_grids": {m: list(g[len(g) // 2 : len(g) // 2 + 1] if args.quick else g) for m, g in LR_GRIDS.items()},
+    }
 
 
 if __name__ == "__main__":

@@ -33,7 +33,15 @@ import torch
 
 
 from _common import (
-    current_rss_bytes, markdown_table, median, mib, peak_rss_bytes, pick_device, quartiles, run_metadata, timed,
+    current_rss_bytes,
+    markdown_table,
+    median,
+    mib,
+    peak_rss_bytes,
+    pick_device,
+    quartiles,
+    run_metadata,
+    timed,
 )
 from lowrank.factory import build_optimizer
 from lowrank.optimizer import LowRankOptimizer
@@ -61,24 +69,43 @@ TARGETS = (
     ("8-bit low-rank state bytes", "lowrank-8bit", "lowrank-fp32", "state_ratio", 0.30, ""),
 )
 COLUMNS = (
-    "variant", "name", "state_precision", "step_median_s", "step_ratio", "state_bytes", "state_ratio",
-    "estimated_state_bytes", "train_peak_bytes", "train_baseline_bytes", "train_increase_bytes", "train_step_median_s",
+    "variant",
+    "name",
+    "state_precision",
+    "step_median_s",
+    "step_ratio",
+    "state_bytes",
+    "state_ratio",
+    "estimated_state_bytes",
+    "train_peak_bytes",
+    "train_baseline_bytes",
+    "train_increase_bytes",
+    "train_step_median_s",
     "train_final_loss",
 )
 
 
 def optimizer_config(variant: str, rank: int, update_gap: int) -> dict[str, Any]:
     name, precision = variant.split("-")
-    return {"name": name, "lr": 1e-3, "state_precision": precision,
-            "lowrank": {"rank": rank, "seed": 0}, "refresh": {"update_gap": update_gap}}
+    return {
+        "name": name,
+        "lr": 1e-3,
+        "state_precision": precision,
+        "lowrank": {"rank": rank, "seed": 0},
+        "refresh": {"update_gap": update_gap},
+    }
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Optimizer state held in tensors with at least one dimension (moments, bases, quantisation scales)."""
     if isinstance(optimizer, LowRankOptimizer):
         return optimizer.state_bytes()
-    return sum(v.numel() * v.element_size() for entry in optimizer.state.values() for v in entry.values()
-               if torch.is_tensor(v) and v.dim() > 0)
+    return sum(
+        v.numel() * v.element_size()
+        for entry in optimizer.state.values()
+        for v in entry.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )
 
 
 # ------------------------------------------------------------------------------------------------- step time
@@ -109,9 +136,13 @@ def measure_steps(model_name: str, device: torch.device, repeats: int, warmup: i
         for variant, (_, optimizer, _) in runs.items():
             times[variant].append(timed(optimizer.step, device))
     return {
-        variant: {"step_median_s": median(times[variant]), "step_quartiles_s": quartiles(times[variant]),
-                  "step_times_s": times[variant],
-                  "state_bytes": state_bytes(optimizer), "estimated_state_bytes": table.state_bytes()}
+        variant: {
+            "step_median_s": median(times[variant]),
+            "step_quartiles_s": quartiles(times[variant]),
+            "step_times_s": times[variant],
+            "state_bytes": state_bytes(optimizer),
+            "estimated_state_bytes": table.state_bytes(),
+        }
         for variant, (_, optimizer, table) in runs.items()
     }
 
@@ -142,9 +173,15 @@ def child_main(variant: str, train_model: str, steps: int, device: torch.device)
     for _ in range(steps):
         times.append(timed(train_step, device))
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
-    return {"variant": variant, "train_peak_bytes": peak, "train_baseline_bytes": baseline,
-            "train_increase_bytes": peak - baseline, "train_step_median_s": median(times[1:] or times),
-            "train_final_loss": float(loss.detach()), "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss"}
+    return {
+        "variant": variant,
+        "train_peak_bytes": peak,
+        "train_baseline_bytes": baseline,
+        "train_increase_bytes": peak - baseline,
+        "train_step_median_s": median(times[1:] or times),
+        "train_final_loss": float(loss.detach()),
+        "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
+    }
 
 
 def run_children(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, Any]]:
@@ -155,10 +192,23 @@ def run_children(args: argparse.Namespace, device: torch.device) -> dict[str, di
     while pending or running:
         while pending and len(running) < args.jobs:
             variant = pending.pop(0)
-            command = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--train-model",
-                       args.train_model, "--train-steps", str(args.train_steps), "--device", str(device),
-                       "--threads", str(args.threads)]
-            running.append((variant, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+            command = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                variant,
+                "--train-model",
+                args.train_model,
+                "--train-steps",
+                str(args.train_steps),
+                "--device",
+                str(device),
+                "--threads",
+                str(args.threads),
+            ]
+            running.append(
+                (variant, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            )
         variant, child = running.pop(0)
         try:
             stdout, stderr = child.communicate(timeout=args.child_timeout)
@@ -170,7 +220,7 @@ def run_children(args: argparse.Namespace, device: torch.device) -> dict[str, di
             print(f"child {variant} failed (exit {child.returncode}):\n{stderr[-2000:]}", file=sys.stderr)
             results[variant] = {"train_error": stderr[-2000:] or f"exit {child.returncode}"}
         else:
-            results[variant] = json.loads(lines[-1][len("RESULT "):])
+            results[variant] = json.loads(lines[-1][len("RESULT ") :])
     return results
 
 
@@ -192,40 +242,75 @@ def assemble(steps: dict[str, dict[str, Any]], train: dict[str, dict[str, Any]])
 
 def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_variant = {row["variant"]: row for row in rows}
-    return [{"target": name, "variant": num, "relative_to": den, "measured": by_variant[num][column], "limit": limit,
-             "ok": by_variant[num][column] <= limit, "note": note}
-            for name, num, den, column, limit, note in TARGETS]
+    return [
+        {
+            "target": name,
+            "variant": num,
+            "relative_to": den,
+            "measured": by_variant[num][column],
+            "limit": limit,
+            "ok": by_variant[num][column] <= limit,
+            "note": note,
+        }
+        for name, num, den, column, limit, note in TARGETS
+    ]
 
 
 def report(rows: list[dict[str, Any]], targets: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    header = ("variant", "step ms (IQR)", "step x fp32", "state MiB", "state x fp32", "train peak MiB",
-              "train +MiB", "train step ms")
-    body = [(r["variant"], f"{r['step_median_s'] * 1e3:.1f} ({r['step_quartiles_s'][0] * 1e3:.0f}-"
-             f"{r['step_quartiles_s'][1] * 1e3:.0f})", f"{r['step_ratio']:.2f}x", mib(r["state_bytes"]),
-             f"{r['state_ratio']:.3f}x", mib(r["train_peak_bytes"]), mib(r["train_increase_bytes"]),
-             "-" if r["train_step_median_s"] is None else f"{r['train_step_median_s'] * 1e3:.1f}") for r in rows]
-    goals = [(t["target"], f"{t['measured']:.3f}x", f"<= {t['limit']}x", "PASS" if t["ok"] else "FAIL", t["note"])
-             for t in targets]
+    header = (
+        "variant",
+        "step ms (IQR)",
+        "step x fp32",
+        "state MiB",
+        "state x fp32",
+        "train peak MiB",
+        "train +MiB",
+        "train step ms",
+    )
+    body = [
+        (
+            r["variant"],
+            f"{r['step_median_s'] * 1e3:.1f} ({r['step_quartiles_s'][0] * 1e3:.0f}-"
+            f"{r['step_quartiles_s'][1] * 1e3:.0f})",
+            f"{r['step_ratio']:.2f}x",
+            mib(r["state_bytes"]),
+            f"{r['state_ratio']:.3f}x",
+            mib(r["train_peak_bytes"]),
+            mib(r["train_increase_bytes"]),
+            "-" if r["train_step_median_s"] is None else f"{r['train_step_median_s'] * 1e3:.1f}",
+        )
+        for r in rows
+    ]
+    goals = [
+        (t["target"], f"{t['measured']:.3f}x", f"<= {t['limit']}x", "PASS" if t["ok"] else "FAIL", t["note"])
+        for t in targets
+    ]
     args = meta["args"]
     _, _, seq_len, batch = TRAIN_MODELS[args["train_model"]]
-    return "\n\n".join([
-        f"State precision: device {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
-        f"{meta['threads']} threads / {meta['cpu_count']} CPUs, {meta['date']}\n"
-        f"step time: {args['model']} shapes, {args['repeats']} round-robin repeats (median); "
-        f"train: {args['train_model']} model, batch {batch} x seq {seq_len}, {args['train_steps']} steps, peak memory "
-        f"({'peak RSS' if meta['device'] == 'cpu' else 'max allocated'}) per child process; +MiB: above the child's "
-        "baseline before the model was built",
-        markdown_table(header, body),
-        markdown_table(("target", "measured", "limit", "result", "note"), goals),
-    ])
+    return "\n\n".join(
+        [
+            f"State precision: device {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
+            f"{meta['threads']} threads / {meta['cpu_count']} CPUs, {meta['date']}\n"
+            f"step time: {args['model']} shapes, {args['repeats']} round-robin repeats (median); "
+            f"train: {args['train_model']} model, batch {batch} x seq {seq_len}, {args['train_steps']} steps, peak memory "
+            f"({'peak RSS' if meta['device'] == 'cpu' else 'max allocated'}) per child process; +MiB: above the child's "
+            "baseline before the model was built",
+            markdown_table(header, body),
+            markdown_table(("target", "measured", "limit", "result", "note"), goals),
+        ]
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(STEP_MODELS), default="60m", help="weight shapes of the step timing")
-    parser.add_argument("--train-model", choices=sorted(TRAIN_MODELS), default="60m",
-                        help="model of the peak-memory training runs (recipe: configs/default.yaml's, whose optimizer "
-                             "states are ~2%% of the peak, below RSS noise)")
+    parser.add_argument(
+        "--train-model",
+        choices=sorted(TRAIN_MODELS),
+        default="60m",
+        help="model of the peak-memory training runs (recipe: configs/default.yaml's, whose optimizer "
+        "states are ~2%% of the peak, below RSS noise)",
+    )
     parser.add_argument("--repeats", type=int, default=15, help="timed round-robin rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after the state-creating step")
     parser.add_argument("--train-steps", type=int, default=3, help="training steps per peak-memory child")
@@ -234,7 +319,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, help="peak-memory children run at once (2 with --quick)")
     parser.add_argument("--child-timeout", type=float, default=600.0, help="seconds per peak-memory child")
     parser.add_argument("--out", default="bench/results/state_precision.json", help="JSON results file")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 repeats, 2 training steps, 1 thread (seconds)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny shapes, 3 repeats, 2 training steps, 1 thread (seconds)"
+    )
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -263,10 +350,16 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     config, rank = STEP_MODELS[args.model]
     train_config, train_rank, seq_len, batch = TRAIN_MODELS[args.train_model]
-    models = {"step": {"config": vars(config), "rank": rank},
-              "train": {"config": vars(train_config), "rank": train_rank, "seq_len": seq_len, "batch": batch}}
-    out.write_text(json.dumps({"meta": meta, "models": models, "columns": list(COLUMNS), "rows": rows,
-                               "targets": targets}, indent=2) + "\n")
+    models = {
+        "step": {"config": vars(config), "rank": rank},
+        "train": {"config": vars(train_config), "rank": train_rank, "seq_len": seq_len, "batch": batch},
+    }
+    out.write_text(
+        json.dumps(
+            {"meta": meta, "models": models, "columns": list(COLUMNS), "rows": rows, "targets": targets}, indent=2
+        )
+        + "\n"
+    )
     print(f"\nwrote {out}")
 
 

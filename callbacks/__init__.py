@@ -23,4 +23,10 @@ from lowrank_recipes.callbacks.resampler import SubspaceResampler
 from lowrank_recipes.callbacks.state_precision import OptimizerStatePrecision
 from lowrank_recipes.callbacks.subscriber import RefreshSubscriber
 
-__all__ = ["OptimizerStatePrecision", "PerLayerUpdates", "RefreshSubscriber", "SubspaceOverlapMonitor", "SubspaceResampler"]
+__all__ = [
+    "OptimizerStatePrecision",
+    "PerLayerUpdates",
+    "RefreshSubscriber",
+    "SubspaceOverlapMonitor",
+    "SubspaceResampler",
+]

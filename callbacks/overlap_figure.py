@@ -59,8 +59,15 @@ def render_overlap_figure(
     if grid.size <= 160:  # small enough to print the numbers in the cells
         for (row, col), value in np.ndenumerate(grid):
             if not math.isnan(value):
-                heat.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                          color="black" if value > 0.6 else "white")
+                heat.text(
+                    col,
+                    row,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if value > 0.6 else "white",
+                )
     figure.colorbar(image, ax=heat, fraction=0.05)
 
     for kind in types:

@@ -135,7 +135,7 @@ class SubspaceOverlapMonitor(RefreshSubscriber):
     # ------------------------------------------------------------------------------------------------ helpers
     def _remember(self, metrics: dict[str, float], step: int) -> None:
         prefix = "lowrank/overlap/"
-        means = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix) and k != prefix + "mean"}
+        means = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix) and k != prefix + "mean"}
         self._history.append((step, means))
         if len(self._history) > _MAX_HISTORY:
             self._history = self._history[::2]
@@ -168,8 +168,10 @@ class SubspaceOverlapMonitor(RefreshSubscriber):
             image = render_overlap_figure(cells, self._history, self._chance, step)
         except ImportError:
             self._images_disabled = True
-            rank_zero_warn("SubspaceOverlapMonitor: matplotlib is not installed, so no overlap picture is drawn "
-                           "(pip install matplotlib, or image_interval=None to silence this)")
+            rank_zero_warn(
+                "SubspaceOverlapMonitor: matplotlib is not installed, so no overlap picture is drawn "
+                "(pip install matplotlib, or image_interval=None to silence this)"
+            )
             return
         for writer in writers:
             writer.add_image(IMAGE_TAG, image, step, dataformats="HWC")

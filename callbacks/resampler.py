@@ -129,8 +129,10 @@ class SubspaceResampler(Callback):
         changed = [k for k in (saved or {}) if saved[k] != now[k]]
         if changed:
             was = ", ".join(f"{k}={saved[k]!r} -> {now[k]!r}" for k in changed)
-            rank_zero_warn(f"SubspaceResampler: the checkpoint was written with another refresh schedule ({was}); "
-                           "the new schedule applies from the restored global_step on")
+            rank_zero_warn(
+                f"SubspaceResampler: the checkpoint was written with another refresh schedule ({was}); "
+                "the new schedule applies from the restored global_step on"
+            )
 
     @staticmethod
     def _synchronize(pl_module: pl.LightningModule) -> None:

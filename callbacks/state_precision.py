@@ -71,7 +71,9 @@ class OptimizerStatePrecision(Callback):
             self._pending = None
 
     @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if trainer.optimizers:
             self._convert(trainer, checkpoint)
         else:
@@ -84,7 +86,12 @@ class OptimizerStatePrecision(Callback):
         ckpt_path = getattr(trainer, "ckpt_path", None)
         for optimizer, state_dict in zip(trainer.optimizers, saved):
             target = optimizer_precision(optimizer)
-            found = {stored_precision(entry, key) for entry in state_dict["state"].values() for key in ADAM_MOMENTS if key in entry}
+            found = {
+                stored_precision(entry, key)
+                for entry in state_dict["state"].values()
+                for key in ADAM_MOMENTS
+                if key in entry
+            }
             if not found or found <= {target} or target != "fp32":
                 continue  # already in this run's precision, or a compact optimizer that converts on load itself
             if ckpt_path is not None and Path(ckpt_path).is_dir():

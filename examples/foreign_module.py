@@ -43,9 +43,12 @@ class MLP(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # (1) the low-rank optimizer: rank-8 projections of fc1/fc2, plain AdamW for the biases, and its refresh
         # schedule: every 10 steps, the two layers on alternating steps (stagger 2).
-        config = {"name": "lowrank", "lr": 1e-2,
-                  "lowrank": {"rank": 8, "targets": ["fc1", "fc2"], "selector": self.selector},
-                  "refresh": {"update_gap": 10, "stagger": 2}}
+        config = {
+            "name": "lowrank",
+            "lr": 1e-2,
+            "lowrank": {"rank": 8, "targets": ["fc1", "fc2"], "selector": self.selector},
+            "refresh": {"update_gap": 10, "stagger": 2},
+        }
         optimizer = lowrank.build_optimizer(self, config)
         print(optimizer.group_table)
         return optimizer
@@ -68,9 +71,14 @@ def main() -> None:
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
 
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=args.max_steps, log_every_n_steps=10,
-        logger=TensorBoardLogger(out, name="foreign_module"), enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.max_steps,
+        log_every_n_steps=10,
+        logger=TensorBoardLogger(out, name="foreign_module"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         # (2) and (3): the resampler runs (and times) the optimizer's scheduled refreshes; the monitor logs them.
         callbacks=[SubspaceResampler(), SubspaceOverlapMonitor(image_interval=5)],
     )

@@ -37,7 +37,14 @@ import torch
 
 from lowrank.checks import is_int, is_number
 from lowrank.moment_storage import (
-    ADAM_MOMENTS, PRECISIONS, convert_state, moment_bytes, read_rows, stored_precision, write_rows, zero_moment,
+    ADAM_MOMENTS,
+    PRECISIONS,
+    convert_state,
+    moment_bytes,
+    read_rows,
+    stored_precision,
+    write_rows,
+    zero_moment,
 )
 from lowrank.quantization import rows_view_shape
 
@@ -51,8 +58,11 @@ def _problem(group: dict[str, Any]) -> str | None:
     betas = group["betas"]
     checks = [
         ("lr", is_number(group["lr"]) and group["lr"] >= 0, "a number >= 0"),
-        ("betas", isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
-            "two numbers in [0, 1)"),
+        (
+            "betas",
+            isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
+            "two numbers in [0, 1)",
+        ),
         ("eps", is_number(group["eps"]) and group["eps"] >= 0, "a number >= 0"),
         ("weight_decay", is_number(group["weight_decay"]) and group["weight_decay"] >= 0, "a number >= 0"),
         ("state_precision", group["state_precision"] in PRECISIONS, " | ".join(PRECISIONS)),
@@ -112,8 +122,13 @@ class CompactAdamW(torch.optim.Optimizer):
         chunk_size: int | None = None,
     ) -> None:
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_precision=state_precision,
-            min_8bit_size=min_8bit_size, block_size=block_size,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            state_precision=state_precision,
+            min_8bit_size=min_8bit_size,
+            block_size=block_size,
         )
         problem = _problem(defaults)
         if problem:

@@ -22,9 +22,7 @@ STATE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "8bit")
 PRECISION_BASES: dict[str, str] = {"bf16": "adamw_bf16", "8bit": "adamw8bit"}  # AdamW with compact moments
 
 # Attention and MLP projections of a LLaMA-style decoder; regular expressions searched in parameter names.
-DEFAULT_TARGETS: tuple[str, ...] = tuple(
-    rf"\b{kind}_proj\b" for kind in ("q", "k", "v", "o", "gate", "up", "down")
-)
+DEFAULT_TARGETS: tuple[str, ...] = tuple(rf"\b{kind}_proj\b" for kind in ("q", "k", "v", "o", "gate", "up", "down"))
 
 
 @dataclasses.dataclass
@@ -111,10 +109,18 @@ def _problems(cfg: OptimizerConfig, prefix: str) -> list[str]:
         *check(is_number(cfg.lr) and cfg.lr > 0, f"{prefix}.lr", cfg.lr, "a finite number > 0"),
         *check(betas_ok, f"{prefix}.betas", cfg.betas, "two numbers in [0, 1)"),
         *check(is_number(cfg.eps) and cfg.eps > 0, f"{prefix}.eps", cfg.eps, "a number > 0"),
-        *check(is_number(cfg.weight_decay) and cfg.weight_decay >= 0, f"{prefix}.weight_decay", cfg.weight_decay,
-               "a number >= 0"),
-        *check(cfg.state_precision in STATE_PRECISIONS, f"{prefix}.state_precision", cfg.state_precision,
-               join_accepted(STATE_PRECISIONS)),
+        *check(
+            is_number(cfg.weight_decay) and cfg.weight_decay >= 0,
+            f"{prefix}.weight_decay",
+            cfg.weight_decay,
+            "a number >= 0",
+        ),
+        *check(
+            cfg.state_precision in STATE_PRECISIONS,
+            f"{prefix}.state_precision",
+            cfg.state_precision,
+            join_accepted(STATE_PRECISIONS),
+        ),
         *check(low.base in BASES, f"{lp}.base", low.base, join_accepted(sorted(BASES))),
         *check(len(low.targets) > 0, f"{lp}.targets", low.targets, "a non-empty list of regular expressions"),
     ]

@@ -47,7 +47,14 @@ class GroupTable:
     def __str__(self) -> str:
         header = ("parameter", "shape", "group", "rank", "side", "state MiB")
         lines = [header] + [
-            (r.name, "x".join(map(str, r.shape)), r.group, str(r.rank or "-"), r.side or "-", f"{r.state_bytes / 2**20:.3f}")
+            (
+                r.name,
+                "x".join(map(str, r.shape)),
+                r.group,
+                str(r.rank or "-"),
+                r.side or "-",
+                f"{r.state_bytes / 2**20:.3f}",
+            )
             for r in self.rows
         ]
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -146,14 +153,25 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | Mapping[str, Any
             plain_named.append((name, param))
     groups = [
         # "name" labels the groups in Lightning's LearningRateMonitor (train/lr/lowrank, train/lr/plain).
-        {"params": [p for _, p in lowrank_named], "param_names": [n for n, _ in lowrank_named], "rank": low.rank,
-         "name": "lowrank"},
+        {
+            "params": [p for _, p in lowrank_named],
+            "param_names": [n for n, _ in lowrank_named],
+            "rank": low.rank,
+            "name": "lowrank",
+        },
     ]
     if plain_named:
-        groups.append({"params": [p for _, p in plain_named], "param_names": [n for n, _ in plain_named], "name": "plain"})
+        groups.append(
+            {"params": [p for _, p in plain_named], "param_names": [n for n, _ in plain_named], "name": "plain"}
+        )
     optimizer = LowRankOptimizer(
-        groups, lr=cfg.lr, weight_decay=cfg.weight_decay, base=base, base_options=_base_options(cfg, base),
-        schedule=cfg.refresh, **low.options(),
+        groups,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        base=base,
+        base_options=_base_options(cfg, base),
+        schedule=cfg.refresh,
+        **low.options(),
     )
     optimizer.group_table = GroupTable(tuple(rows))
     return optimizer

@@ -21,7 +21,11 @@ from typing import Any
 import torch
 
 from lowrank.quantization import (
-    dequantize_blockwise, quantize_blockwise, quantized_bytes, rows_view_shape, scales_shape,
+    dequantize_blockwise,
+    quantize_blockwise,
+    quantized_bytes,
+    rows_view_shape,
+    scales_shape,
 )
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "8bit")
@@ -167,4 +171,3 @@ def moment_bytes(
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"state_precision: invalid value {precision!r}; accepted: {', '.join(PRECISIONS)}")
-

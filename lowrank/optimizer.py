@@ -63,7 +63,14 @@ from torch.utils.hooks import RemovableHandle
 from lowrank.bases import BaseFactory, BaseSpec, resolve_base
 from lowrank.compact_adamw import STORAGE_KEYS
 from lowrank.dtensor import (
-    check_row_sharded, gather_full, global_norm, is_dtensor, like_rows, local, replicate_like, sharded_zeros_like_rows,
+    check_row_sharded,
+    gather_full,
+    global_norm,
+    is_dtensor,
+    like_rows,
+    local,
+    replicate_like,
+    sharded_zeros_like_rows,
 )
 from lowrank.fira import fira_residual
 from lowrank.checks import check, is_number, raise_problems
@@ -143,8 +150,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         unknown = sorted(set(lowrank) - set(OPTION_NAMES))
         if unknown:
             moved = _moved(unknown, "")
-            raise ValueError("; ".join(moved) if moved else
-                             f"unknown option(s) {unknown}; accepted: {', '.join(OPTION_NAMES)}")
+            raise ValueError(
+                "; ".join(moved) if moved else f"unknown option(s) {unknown}; accepted: {', '.join(OPTION_NAMES)}"
+            )
         self.spec = resolve_base(base)
         self._base_options = dict(base_options or {})
         probe = self.spec.factory([torch.zeros(1)], lr=lr, **self._base_options)  # validates the base options
@@ -217,8 +225,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
         problems += check(is_number(wd) and wd >= 0, "weight_decay", wd, "a number >= 0")
         if "betas" in group:
             betas = tuple(group["betas"])
-            problems += check(len(betas) == 2 and all(is_number(b) and 0.0 <= b < 1.0 for b in betas), "betas", betas,
-                              "two numbers in [0, 1)")
+            problems += check(
+                len(betas) == 2 and all(is_number(b) and 0.0 <= b < 1.0 for b in betas),
+                "betas",
+                betas,
+                "two numbers in [0, 1)",
+            )
         problems += lowrank_problems(group, "", rotatable=self.spec.rotatable)
         if group["rank"] is not None and not problems:
             problems += _param_problems(group)
@@ -277,7 +289,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for place, (group, name, param) in enumerate(params):
             at = group["lowrank_step"] if step is None else step
             if self._schedule.is_due(at, place, len(params)) or "lowrank_basis" not in self.state.get(param, {}):
-                todo.append(_Todo(group, name, param, at, selector or self._schedule.selector_at(at, group["selector"])))
+                todo.append(
+                    _Todo(group, name, param, at, selector or self._schedule.selector_at(at, group["selector"]))
+                )
         return todo
 
     def due(self, step: int | None = None) -> list[DueRefresh]:
@@ -339,14 +353,19 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if params is None:
             todo = self._scheduled(step, selector)
             # the coming step's scheduled refresh has run (step() will not run it again) only if this was that step
-            self._scheduled_done = all(step is None or group["lowrank_step"] == step
-                                       for group in self.param_groups if group["rank"] is not None)
+            self._scheduled_done = all(
+                step is None or group["lowrank_step"] == step
+                for group in self.param_groups
+                if group["rank"] is not None
+            )
         else:
             wanted = {p if isinstance(p, str) else id(p) for p in params}
-            todo = [_Todo(group, name, param, at, selector or self._schedule.selector_at(at, group["selector"]))
-                    for group, name, param in self._lowrank_params()
-                    if name in wanted or id(param) in wanted
-                    for at in [group["lowrank_step"] if step is None else step]]
+            todo = [
+                _Todo(group, name, param, at, selector or self._schedule.selector_at(at, group["selector"]))
+                for group, name, param in self._lowrank_params()
+                if name in wanted or id(param) in wanted
+                for at in [group["lowrank_step"] if step is None else step]
+            ]
         split = self._schedule.split_across_ranks if split_across_ranks is None else split_across_ranks
         return self._run(todo, split)
 
@@ -366,8 +385,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         jobs = []
         for t in todo:
             if is_dtensor(t.param):
-                raise ValueError(f"split_across_ranks: parameter {t.name!r} is a DTensor (FSDP2), whose basis every "
-                                 "rank computes from the gathered gradient; accepted with DTensors: False")
+                raise ValueError(
+                    f"split_across_ranks: parameter {t.name!r} is a DTensor (FSDP2), whose basis every "
+                    "rank computes from the gathered gradient; accepted with DTensors: False"
+                )
             oriented, select = self._selection(t)
             dtype = torch.promote_types(oriented.dtype, torch.float32)  # holds the selector's fp32 (or wider) output
             jobs.append(SplitJob(select, (oriented.shape[0], t.group["rank"]), oriented.device, dtype))
@@ -401,8 +422,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
             # torch.distributed.checkpoint creates a fresh optimizer's state with one lr-0 step on zero gradients
             # (every resume of a sharded checkpoint): its placeholders are expected, so that case stays silent.
             if old_basis is not None or float(group["lr"]) != 0.0:
-                warnings.warn(f"lowrank: gradient of {name!r} is all zero or non-finite at step {step}: {what}",
-                              stacklevel=4)
+                warnings.warn(
+                    f"lowrank: gradient of {name!r} is all zero or non-finite at step {step}: {what}", stacklevel=4
+                )
             if old_basis is None:
                 device = local(param).device
                 placeholder = placeholder_basis(param.shape, side, group["rank"], dtype=param.dtype, device=device)
@@ -416,8 +438,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if old_basis is not None:
             base_state = self._base.state[self._stand_ins[param]]
             apply_moment_policy(
-                group["moment_policy"], base_state, old_basis, new_basis, side,
-                self.spec.first_moment_keys, self.spec.second_moment_keys,
+                group["moment_policy"],
+                base_state,
+                old_basis,
+                new_basis,
+                side,
+                self.spec.first_moment_keys,
+                self.spec.second_moment_keys,
             )
         state["lowrank_basis"] = new_basis
         old_basis = None if old_basis is None else local(old_basis)  # records hold plain (replicated) tensors
@@ -630,8 +657,10 @@ def _param_problems(group: dict[str, Any]) -> list[str]:
         if param.dim() != 2:
             problems.append(f"rank: parameter {name!r} has shape {tuple(param.shape)}; low-rank needs a 2-D weight")
         elif rank > min(param.shape):
-            problems.append(f"rank: {rank} is larger than parameter {name!r} allows (shape {tuple(param.shape)}); "
-                            f"accepted: 1 .. {min(param.shape)}")
+            problems.append(
+                f"rank: {rank} is larger than parameter {name!r} allows (shape {tuple(param.shape)}); "
+                f"accepted: 1 .. {min(param.shape)}"
+            )
         elif is_dtensor(param):
             check_row_sharded(param, name)
             if group["side"] == "left":

@@ -64,10 +64,14 @@ def lowrank_problems(values: Mapping[str, Any], prefix: str = "", rotatable: boo
     alpha, gamma, policy = values["alpha"], values["fira_gamma"], values["moment_policy"]
     problems += check(is_number(alpha) and alpha > 0, dotted(prefix, "alpha"), alpha, "a number > 0")
     problems += check(values["side"] in SIDES, dotted(prefix, "side"), values["side"], join_accepted(SIDES))
-    problems += check(policy in MOMENT_POLICIES, dotted(prefix, "moment_policy"), policy, join_accepted(MOMENT_POLICIES))
+    problems += check(
+        policy in MOMENT_POLICIES, dotted(prefix, "moment_policy"), policy, join_accepted(MOMENT_POLICIES)
+    )
     if policy == "rotate" and rotatable is False:
-        problems.append(f"{dotted(prefix, 'moment_policy')}: 'rotate' needs a base with known moments (adam, adamw); "
-                        "accepted with this base: keep | reset")
+        problems.append(
+            f"{dotted(prefix, 'moment_policy')}: 'rotate' needs a base with known moments (adam, adamw); "
+            "accepted with this base: keep | reset"
+        )
     problems += check(isinstance(values["fira"], bool), dotted(prefix, "fira"), values["fira"], "true | false")
     problems += check(is_number(gamma) and gamma > 1, dotted(prefix, "fira_gamma"), gamma, "a number > 1")
     problems += check(is_int(values["seed"]), dotted(prefix, "seed"), values["seed"], "an integer")

@@ -47,12 +47,24 @@ class OverlapMonitorOptions:
         threshold = self.frozen_threshold
         return [
             *check(isinstance(self.per_layer, bool), dotted(prefix, "per_layer"), self.per_layer, "true | false"),
-            *check(self.image_interval is None or is_int(self.image_interval, 1), dotted(prefix, "image_interval"),
-                   self.image_interval, "an integer >= 1 or None"),
-            *check(is_number(threshold) and 0.0 < threshold <= 1.0, dotted(prefix, "frozen_threshold"), threshold,
-                   "a number in (0, 1]"),
-            *check(is_int(self.frozen_patience, 1), dotted(prefix, "frozen_patience"), self.frozen_patience,
-                   "an integer >= 1"),
+            *check(
+                self.image_interval is None or is_int(self.image_interval, 1),
+                dotted(prefix, "image_interval"),
+                self.image_interval,
+                "an integer >= 1 or None",
+            ),
+            *check(
+                is_number(threshold) and 0.0 < threshold <= 1.0,
+                dotted(prefix, "frozen_threshold"),
+                threshold,
+                "a number in (0, 1]",
+            ),
+            *check(
+                is_int(self.frozen_patience, 1),
+                dotted(prefix, "frozen_patience"),
+                self.frozen_patience,
+                "an integer >= 1",
+            ),
         ]
 
 

@@ -65,19 +65,35 @@ class RefreshSchedule:
         at, to = self.switch_at, self.switch_to
         problems = [
             *check(is_int(self.update_gap, 1), dotted(prefix, "update_gap"), self.update_gap, "an integer >= 1"),
-            *check(is_int(self.stagger, 1), dotted(prefix, "stagger"), self.stagger, "an integer >= 1 (1: no staggering)"),
-            *check(at is None or (is_number(at) and 0 <= at <= 1), dotted(prefix, "switch_at"), at,
-                   "a fraction of max_steps in [0, 1], or None (never switch)"),
-            *check(self.max_steps is None or is_int(self.max_steps, 1), dotted(prefix, "max_steps"), self.max_steps,
-                   "an integer >= 1, or None"),
-            *check(isinstance(self.split_across_ranks, bool), dotted(prefix, "split_across_ranks"),
-                   self.split_across_ranks, "true | false"),
+            *check(
+                is_int(self.stagger, 1), dotted(prefix, "stagger"), self.stagger, "an integer >= 1 (1: no staggering)"
+            ),
+            *check(
+                at is None or (is_number(at) and 0 <= at <= 1),
+                dotted(prefix, "switch_at"),
+                at,
+                "a fraction of max_steps in [0, 1], or None (never switch)",
+            ),
+            *check(
+                self.max_steps is None or is_int(self.max_steps, 1),
+                dotted(prefix, "max_steps"),
+                self.max_steps,
+                "an integer >= 1, or None",
+            ),
+            *check(
+                isinstance(self.split_across_ranks, bool),
+                dotted(prefix, "split_across_ranks"),
+                self.split_across_ranks,
+                "true | false",
+            ),
         ]
         if to is not None:
             problems += selector_problems(to, {}, dotted(prefix, "switch_to"))
         if (at is None) != (to is None):
-            problems.append(f"{dotted(prefix, 'switch_at')} and {dotted(prefix, 'switch_to')} go together: give both "
-                            "(e.g. switch_at 0.5, switch_to random) or neither")
+            problems.append(
+                f"{dotted(prefix, 'switch_at')} and {dotted(prefix, 'switch_to')} go together: give both "
+                "(e.g. switch_at 0.5, switch_to random) or neither"
+            )
         return problems
 
     def offset(self, place: int, count: int) -> int:
@@ -125,7 +141,8 @@ def as_schedule(value: RefreshSchedule | Mapping[str, Any] | None) -> RefreshSch
         raise_problems("schedule", [f"unknown dotted(s) {unknown}; accepted: {', '.join(fields)}"] if unknown else [])
         value = RefreshSchedule(**value)
     if not isinstance(value, RefreshSchedule):
-        raise ValueError(f"schedule: invalid value {value!r}; accepted: a RefreshSchedule, a mapping of its fields, "
-                         "or None")
+        raise ValueError(
+            f"schedule: invalid value {value!r}; accepted: a RefreshSchedule, a mapping of its fields, or None"
+        )
     raise_problems("schedule", value.problems())
     return value

@@ -161,7 +161,9 @@ class RandomizedImportanceSelector(SubspaceSelector):
 
 def _range_finder_problems(selector: Any, prefix: str) -> list[str]:
     return [
-        *check(is_int(selector.oversampling, 0), dotted(prefix, "oversampling"), selector.oversampling, "an integer >= 0"),
+        *check(
+            is_int(selector.oversampling, 0), dotted(prefix, "oversampling"), selector.oversampling, "an integer >= 0"
+        ),
         *check(is_int(selector.power_iters, 0), dotted(prefix, "power_iters"), selector.power_iters, "an integer >= 0"),
     ]
 
@@ -180,7 +182,9 @@ SELECTORS: dict[str, type[SubspaceSelector]] = {
 
 def register_selector(cls: type[SubspaceSelector]) -> type[SubspaceSelector]:
     """Adds a selector class to ``SELECTORS`` under ``cls.name`` (usable as a decorator)."""
-    if not (isinstance(cls, type) and issubclass(cls, SubspaceSelector)) or not isinstance(getattr(cls, "name", None), str):
+    if not (isinstance(cls, type) and issubclass(cls, SubspaceSelector)) or not isinstance(
+        getattr(cls, "name", None), str
+    ):
         raise ValueError(f"register_selector: {cls!r} is not a SubspaceSelector subclass with a string ``name``")
     SELECTORS[cls.name] = cls
     return cls
@@ -202,8 +206,10 @@ def selector_problems(name: Any, options: Any = None, prefix: str = "") -> list[
     fields = selector_fields(name)
     unknown = sorted(str(k) for k in options if k not in fields)
     if unknown:
-        return [f"{dotted(prefix, unknown[0])}: unknown option of selector {name!r}; accepted: "
-                f"{join_accepted(fields) if fields else 'none (this rule has no options)'}"]
+        return [
+            f"{dotted(prefix, unknown[0])}: unknown option of selector {name!r}; accepted: "
+            f"{join_accepted(fields) if fields else 'none (this rule has no options)'}"
+        ]
     return SELECTORS[name](**options).problems(prefix)
 
 

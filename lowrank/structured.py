@@ -38,7 +38,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
-            raise ValueError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+            raise ValueError(
+                f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}"
+            )
         return from_mapping(tp, value, key)
     if origin in (list, tuple):
         if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
@@ -74,8 +76,11 @@ def _raise_if_moved(cls: type, key: str, value: Any, full: str) -> None:
     moved: dict[str, str] = getattr(cls, "MOVED_KEYS", {})
     if key in moved:
         raise ValueError(f"{full}: moved to {moved[key]}")
-    inner = [f"{full}.{sub}: moved to {moved[f'{key}.{sub}']}" for sub in (value if isinstance(value, Mapping) else ())
-             if f"{key}.{sub}" in moved]
+    inner = [
+        f"{full}.{sub}: moved to {moved[f'{key}.{sub}']}"
+        for sub in (value if isinstance(value, Mapping) else ())
+        if f"{key}.{sub}" in moved
+    ]
     if inner:
         raise ValueError("; ".join(inner))
 
@@ -96,9 +101,12 @@ def from_mapping(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             raise ValueError(f"unknown key {full}{hint}; accepted: {', '.join(fields)}")
         values[key] = _coerce(value, hints[key], full)
     missing = [
-        name for name, f in fields.items()
-        if f.init and name not in values
-        and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        name
+        for name, f in fields.items()
+        if f.init
+        and name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         keys = ", ".join(f"{prefix}.{name}" if prefix else name for name in missing)

@@ -131,8 +131,14 @@ class RunConfig:
 
     # The former ``subspace`` section: its schedule keys joined optimizer.refresh, its monitor keys the monitor section.
     MOVED_KEYS: ClassVar[dict[str, str]] = {
-        **{f"subspace.{k}": f"optimizer.refresh.{k}" for k in ("stagger", "switch_at", "switch_to", "split_across_ranks")},
-        **{f"subspace.{k}": f"monitor.{k}" for k in ("per_layer", "image_interval", "frozen_threshold", "frozen_patience")},
+        **{
+            f"subspace.{k}": f"optimizer.refresh.{k}"
+            for k in ("stagger", "switch_at", "switch_to", "split_across_ranks")
+        },
+        **{
+            f"subspace.{k}": f"monitor.{k}"
+            for k in ("per_layer", "image_interval", "frozen_threshold", "frozen_patience")
+        },
     }
 
     model: LlamaConfig
@@ -174,7 +180,9 @@ def _load_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--config: {path} is not valid YAML ({first})") from None
     container = OmegaConf.to_container(loaded, resolve=True) if loaded is not None else None
     if not isinstance(container, dict):
-        raise ConfigError(f"--config: {path} must hold a mapping of sections (model, data, ...), got {type(container).__name__}")
+        raise ConfigError(
+            f"--config: {path} must hold a mapping of sections (model, data, ...), got {type(container).__name__}"
+        )
     return container
 
 
@@ -223,22 +231,42 @@ def validate_run(run: RunConfig) -> None:
     t, d = run.trainer, run.data
     problems = []
     if d.seq_len > run.model.max_seq_len:
-        problems.append(f"data.seq_len: {d.seq_len} exceeds model.max_seq_len = {run.model.max_seq_len}; accepted: 1 .. {run.model.max_seq_len}")
-    if t.strategy in REFUSED_STRATEGIES or t.strategy.startswith("deepspeed") or (
-            t.strategy.startswith("fsdp") and t.strategy not in STRATEGIES):
-        why = REFUSED_STRATEGIES.get(t.strategy, REFUSED_STRATEGIES["deepspeed" if "deepspeed" in t.strategy else "fsdp"])
-        problems.append(f"trainer.strategy: {t.strategy!r} is not supported: {why}; accepted: {' | '.join(STRATEGIES)} (ddp for several devices)")
+        problems.append(
+            f"data.seq_len: {d.seq_len} exceeds model.max_seq_len = {run.model.max_seq_len}; accepted: 1 .. {run.model.max_seq_len}"
+        )
+    if (
+        t.strategy in REFUSED_STRATEGIES
+        or t.strategy.startswith("deepspeed")
+        or (t.strategy.startswith("fsdp") and t.strategy not in STRATEGIES)
+    ):
+        why = REFUSED_STRATEGIES.get(
+            t.strategy, REFUSED_STRATEGIES["deepspeed" if "deepspeed" in t.strategy else "fsdp"]
+        )
+        problems.append(
+            f"trainer.strategy: {t.strategy!r} is not supported: {why}; accepted: {' | '.join(STRATEGIES)} (ddp for several devices)"
+        )
     elif t.strategy not in STRATEGIES:
         problems.append(f"trainer.strategy: invalid value {t.strategy!r}; accepted: {' | '.join(STRATEGIES)}")
     if t.checkpoint_format not in CHECKPOINT_FORMATS:
-        problems.append(f"trainer.checkpoint_format: invalid value {t.checkpoint_format!r}; "
-                        f"accepted: {' | '.join(CHECKPOINT_FORMATS)}")
+        problems.append(
+            f"trainer.checkpoint_format: invalid value {t.checkpoint_format!r}; "
+            f"accepted: {' | '.join(CHECKPOINT_FORMATS)}"
+        )
     elif t.checkpoint_format == "sharded" and t.strategy != "fsdp2":
-        problems.append(f"trainer.checkpoint_format: 'sharded' needs trainer.strategy=fsdp2 (strategy {t.strategy!r} "
-                        "writes single-file checkpoints only); accepted with it: auto | full")
+        problems.append(
+            f"trainer.checkpoint_format: 'sharded' needs trainer.strategy=fsdp2 (strategy {t.strategy!r} "
+            "writes single-file checkpoints only); accepted with it: auto | full"
+        )
     if t.precision not in PRECISIONS:
         problems.append(f"trainer.precision: invalid value {t.precision!r}; accepted: {' | '.join(PRECISIONS)}")
-    for key in ("max_steps", "global_batch_size", "num_nodes", "val_every_n_steps", "log_every_n_steps", "checkpoint_every_n_steps"):
+    for key in (
+        "max_steps",
+        "global_batch_size",
+        "num_nodes",
+        "val_every_n_steps",
+        "log_every_n_steps",
+        "checkpoint_every_n_steps",
+    ):
         if getattr(t, key) < 1:
             problems.append(f"trainer.{key}: invalid value {getattr(t, key)!r}; accepted: an integer >= 1")
     if isinstance(t.devices, str) and t.devices != "auto" or isinstance(t.devices, int) and t.devices < 1:
@@ -250,23 +278,33 @@ def validate_run(run: RunConfig) -> None:
         )
     split = run.optimizer.refresh.split_across_ranks
     if t.per_layer_updates and split:
-        problems.append("optimizer.refresh.split_across_ranks: not supported with trainer.per_layer_updates (the bases refresh "
-                        "inside backward, one parameter at a time); accepted with per-layer updates: false")
+        problems.append(
+            "optimizer.refresh.split_across_ranks: not supported with trainer.per_layer_updates (the bases refresh "
+            "inside backward, one parameter at a time); accepted with per-layer updates: false"
+        )
     if t.per_layer_updates and run.optimizer.name != "lowrank":
         problems.append("trainer.per_layer_updates: needs optimizer.name=lowrank; accepted with adamw: false")
     if t.strategy == "fsdp2":
         if t.per_layer_updates:
-            problems.append("trainer.per_layer_updates: not supported with trainer.strategy=fsdp2 (FSDP2 reduce-scatters "
-                            "the gradients after backward); accepted with fsdp2: false")
+            problems.append(
+                "trainer.per_layer_updates: not supported with trainer.strategy=fsdp2 (FSDP2 reduce-scatters "
+                "the gradients after backward); accepted with fsdp2: false"
+            )
         if split:
-            problems.append("optimizer.refresh.split_across_ranks: not supported with trainer.strategy=fsdp2 (every rank "
-                            "computes the bases from the gathered gradient); accepted with fsdp2: false")
+            problems.append(
+                "optimizer.refresh.split_across_ranks: not supported with trainer.strategy=fsdp2 (every rank "
+                "computes the bases from the gathered gradient); accepted with fsdp2: false"
+            )
         if run.optimizer.lowrank.side == "left":
-            problems.append("optimizer.lowrank.side: 'left' is not supported with trainer.strategy=fsdp2 (row-sharded "
-                            "weights project locally on the right); accepted with fsdp2: right | auto")
+            problems.append(
+                "optimizer.lowrank.side: 'left' is not supported with trainer.strategy=fsdp2 (row-sharded "
+                "weights project locally on the right); accepted with fsdp2: right | auto"
+            )
     for key in ("warmup_fraction", "min_lr_ratio"):
         if not 0 <= getattr(run.schedule, key) <= 1:
-            problems.append(f"schedule.{key}: invalid value {getattr(run.schedule, key)!r}; accepted: a number in [0, 1]")
+            problems.append(
+                f"schedule.{key}: invalid value {getattr(run.schedule, key)!r}; accepted: a number in [0, 1]"
+            )
     out = Path(run.out_dir)
     if out.exists() and not out.is_dir():
         problems.append(f"out_dir: {run.out_dir!r} exists and is a file; accepted: a directory path (new or existing)")

@@ -108,8 +108,14 @@ def llama_preset(name: str, **overrides: object) -> LlamaConfig:
     if unknown:
         raise ValueError(f"unknown LlamaConfig override(s) {unknown}; accepted keys: {sorted(fields)}")
     hidden, inter, heads, layers = _PRESET_SHAPES[key]
-    base = dict(vocab_size=32000, hidden_size=hidden, intermediate_size=inter, num_heads=heads,
-                num_layers=layers, max_seq_len=256)
+    base = dict(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_heads=heads,
+        num_layers=layers,
+        max_seq_len=256,
+    )
     base.update(overrides)
     return LlamaConfig(**base)  # type: ignore[arg-type]
 

@@ -41,7 +41,9 @@ class LlamaPretrainModule(pl.LightningModule):
         max_steps: run length in optimizer steps (the schedule's horizon).
     """
 
-    def __init__(self, model: dict[str, Any], optimizer: dict[str, Any], schedule: dict[str, Any], max_steps: int) -> None:
+    def __init__(
+        self, model: dict[str, Any], optimizer: dict[str, Any], schedule: dict[str, Any], max_steps: int
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model_config = LlamaConfig(**model)
@@ -92,7 +94,10 @@ class LlamaPretrainModule(pl.LightningModule):
         max_steps = self.hparams.max_steps
         lr_lambda = WarmupCosine(round(sched["warmup_fraction"] * max_steps), max_steps, sched["min_lr_ratio"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+        }
 
     def on_fit_start(self) -> None:
         logger = self.logger

@@ -20,7 +20,9 @@ from lowrank_recipes.recipes.config import ConfigError, load_run_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="default", help="config path or name under configs/ (default: default)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100")
     return parser.parse_args(argv)
@@ -34,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from lowrank_recipes.recipes.trainer import fit  # lightning, datasets, torchdata: imported only once the config is known to be good
+    from lowrank_recipes.recipes.trainer import (
+        fit,
+    )  # lightning, datasets, torchdata: imported only once the config is known to be good
 
     return fit(run, resolved)
 

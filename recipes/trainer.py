@@ -13,7 +13,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Th
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from lowrank_recipes.callbacks import OptimizerStatePrecision, PerLayerUpdates, SubspaceOverlapMonitor, SubspaceResampler
+from lowrank_recipes.callbacks import (
+    OptimizerStatePrecision,
+    PerLayerUpdates,
+    SubspaceOverlapMonitor,
+    SubspaceResampler,
+)
 from lowrank_recipes.recipes.config import RunConfig
 from lowrank_recipes.recipes.data.datamodule import PretrainDataModule
 from lowrank_recipes.recipes.module import LlamaPretrainModule, module_kwargs
@@ -61,8 +66,11 @@ def strategy(run: RunConfig) -> str | pl.strategies.Strategy:
     if t.strategy == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        return ModelParallelStrategy(data_parallel_size=world_devices(run) * t.num_nodes, tensor_parallel_size=1,
-                                     save_distributed_checkpoint=t.checkpoint_format != "full")
+        return ModelParallelStrategy(
+            data_parallel_size=world_devices(run) * t.num_nodes,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=t.checkpoint_format != "full",
+        )
     return t.strategy
 
 
@@ -71,8 +79,12 @@ def build_trainer(run: RunConfig, callbacks: list[pl.Callback] | None = None) ->
     out = Path(run.out_dir)
     accumulate = accumulation(run)
     checkpoint = ModelCheckpoint(
-        dirpath=out / "checkpoints", filename="step={step:06d}", auto_insert_metric_name=False,
-        every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=-1, save_last=True,
+        dirpath=out / "checkpoints",
+        filename="step={step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=t.checkpoint_every_n_steps,
+        save_top_k=-1,
+        save_last=True,
     )
     return pl.Trainer(
         max_steps=t.max_steps,

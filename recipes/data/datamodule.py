@@ -48,6 +48,7 @@ from lowrank_recipes.recipes.data.sampler import GlobalBatchSampler
 from lowrank_recipes.recipes.data.stream import PackedStream
 from lowrank_recipes.recipes.data.tokenizer import EMBEDDED, TextTokenizer, load_tokenizer
 
+
 def rank_slice(dataset: Dataset, rank: int, world_size: int, cap: int | None = None) -> Subset:
     """Returns items r, r+W, ... of the first min(len, cap) items, truncated so every rank gets as many."""
     total = len(dataset) if cap is None else min(len(dataset), cap)
@@ -89,8 +90,9 @@ class PretrainDataModule(pl.LightningDataModule):
 
     def _load_tokenizer(self, documents: list[str] | None) -> TextTokenizer:
         c = self.config
-        return load_tokenizer(c.tokenizer, vocab_size=c.vocab_size, documents=documents,
-                              cache_dir=c.cache_dir, eos_token=c.eos_token)
+        return load_tokenizer(
+            c.tokenizer, vocab_size=c.vocab_size, documents=documents, cache_dir=c.cache_dir, eos_token=c.eos_token
+        )
 
     def _embedded_documents(self) -> list[str]:
         documents = load_corpus(limit=self.config.max_documents)
@@ -178,8 +180,15 @@ class PretrainDataModule(pl.LightningDataModule):
         if isinstance(current, PackedStream) and (current.rank, current.world_size) == (rank, world):
             return current
         assert self.tokenizer is not None and self._train_source is not None
-        return PackedStream(self._train_source, self.tokenizer, c.seq_len, rank=rank, world_size=world,
-                            seed=c.seed, shuffle_buffer=c.shuffle_buffer)
+        return PackedStream(
+            self._train_source,
+            self.tokenizer,
+            c.seq_len,
+            rank=rank,
+            world_size=world,
+            seed=c.seed,
+            shuffle_buffer=c.shuffle_buffer,
+        )
 
     def train_dataloader(self) -> StatefulDataLoader:
         """Returns this rank's resumable training loader (its state rides in Lightning checkpoints)."""
@@ -189,8 +198,9 @@ class PretrainDataModule(pl.LightningDataModule):
         if isinstance(self.train_set, PackedStream):
             self.train_set = self._stream_for_layout()
             # Each rank streams its own shards: keep every rank's position in the checkpoint.
-            return RankStatefulDataLoader(self.train_set, batch_size=c.micro_batch_size,
-                                          num_workers=c.num_workers, rank=rank, world_size=world)
+            return RankStatefulDataLoader(
+                self.train_set, batch_size=c.micro_batch_size, num_workers=c.num_workers, rank=rank, world_size=world
+            )
         sampler = GlobalBatchSampler(len(self.train_set), c.micro_batch_size, rank, world, c.seed, accumulate)
         return StatefulDataLoader(self.train_set, batch_sampler=sampler, num_workers=c.num_workers)
 

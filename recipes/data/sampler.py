@@ -135,7 +135,5 @@ class GlobalBatchSampler(Sampler[list[int]]):
                 )
         consumed = int(state_dict["consumed_micro_batches"])
         if consumed % self.world_size:
-            raise ValueError(
-                f"consumed_micro_batches={consumed} is not divisible by world_size={self.world_size}"
-            )
+            raise ValueError(f"consumed_micro_batches={consumed} is not divisible by world_size={self.world_size}")
         self._cursor = consumed // self.world_size

@@ -98,9 +98,7 @@ def open_stream(spec: StreamSpec, split: str) -> datasets.IterableDataset:
     if spec.path == "text":
         # One example per file, not per line: a text file is a document.
         kwargs["sample_by"] = "document"
-    ds = datasets.load_dataset(
-        spec.path, spec.name, split=split, data_files=spec.data_files, streaming=True, **kwargs
-    )
+    ds = datasets.load_dataset(spec.path, spec.name, split=split, data_files=spec.data_files, streaming=True, **kwargs)
     if spec.text_field != TEXT_FIELD:
         ds = ds.rename_column(spec.text_field, TEXT_FIELD)
     return ds.select_columns([TEXT_FIELD])

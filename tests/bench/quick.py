@@ -15,7 +15,10 @@ def run_quick(script: str, *args: str, cwd: Path, timeout: float = 300) -> subpr
     output in the failure message); returns the finished process (stdout kept)."""
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / script), "--quick", "--device", "cpu", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     return done

@@ -16,10 +16,30 @@ from tests.bench.quick import run_quick
 
 SELECTORS = tuple(lowrank.SELECTORS)  # every registered selector gets a step row, refresh rows and a layer total
 STEP_VARIANTS = {"adamw", "floor", "galore-torch", *(f"lowrank-{name}" for name in SELECTORS)}
-STEP_COLUMNS = {"model", "variant", "rank", "step_median_s", "step_quartiles_s", "floor_ratio", "galore_ratio",
-                "adamw_ratio", "state_bytes", "state_ratio"}
-REFRESH_COLUMNS = {"model", "shape", "side", "per_layer", "rank", "selector", "timed_rank", "median_s", "quartiles_s",
-                   "speedup"}
+STEP_COLUMNS = {
+    "model",
+    "variant",
+    "rank",
+    "step_median_s",
+    "step_quartiles_s",
+    "floor_ratio",
+    "galore_ratio",
+    "adamw_ratio",
+    "state_bytes",
+    "state_ratio",
+}
+REFRESH_COLUMNS = {
+    "model",
+    "shape",
+    "side",
+    "per_layer",
+    "rank",
+    "selector",
+    "timed_rank",
+    "median_s",
+    "quartiles_s",
+    "speedup",
+}
 LAYER_COLUMNS = {"model", "rank", "selector", "layer_s", "speedup"}
 META = {"device", "device_name", "torch", "cpu_count", "threads", "date", "args"}
 TINY_SHAPES = {("64x64", "right"), ("172x64", "right"), ("64x172", "left")}  # hidden 64, intermediate 172
@@ -65,7 +85,9 @@ def test_quick_run_writes_every_row_and_column(tmp_path: Path) -> None:
     assert seen == expected and len(result["refresh"]) == len(expected)
     assert all(REFRESH_COLUMNS <= set(row) and row["median_s"] > 0 for row in result["refresh"])
     assert set(result["layer_columns"]) == LAYER_COLUMNS
-    assert {(row["rank"], row["selector"]) for row in result["layers"]} == {(r, s) for r in TINY_RANKS for s in SELECTORS}
+    assert {(row["rank"], row["selector"]) for row in result["layers"]} == {
+        (r, s) for r in TINY_RANKS for s in SELECTORS
+    }
     for shape, side in TINY_SHAPES:
         assert f"| {shape} " in markdown and f"| {side} " in markdown
     for name in SELECTORS:
@@ -75,8 +97,11 @@ def test_quick_run_writes_every_row_and_column(tmp_path: Path) -> None:
     expected_targets = {"low-rank step vs floor (tiny, worst selector)"}
     if galore["available"]:
         expected_targets.add("low-rank step vs galore-torch (tiny, worst selector)")
-    expected_targets |= {f"{name} refresh speedup (tiny layer, rank {rank})"
-                         for name in ("randomized_dominant", "randomized_importance") for rank in TINY_RANKS}
+    expected_targets |= {
+        f"{name} refresh speedup (tiny layer, rank {rank})"
+        for name in ("randomized_dominant", "randomized_importance")
+        for rank in TINY_RANKS
+    }
     assert targets == expected_targets
     assert all({"measured", "op", "limit", "ok", "note"} <= set(t) for t in result["targets"])
     for header in ("| model | variant", "| target"):

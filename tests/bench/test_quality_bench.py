@@ -13,10 +13,34 @@ from tests.bench.quick import run_quick
 
 METHODS = ("adamw", "galore", "sara", "golore", "fira", "fira_importance", "galore_randomized", "sara_randomized")
 LOWRANK = set(METHODS) - {"adamw"}
-COLUMNS = ("method", "selector", "lr", "seeds", "final val loss (mean +- std)", "loss 95% CI", "val ppl (mean +- std)",
-           "ppl 95% CI", "vs GaLore (loss, 95% CI)", "vs AdamW (loss, 95% CI)", "gap closed", "s/run")
-ROW_KEYS = {"method", "selector", "lr", "seeds", "loss", "ppl", "vs_galore", "vs_adamw", "gap_closed",
-            "gap_closed_note", "lr_at_edge", "seconds_per_run"}
+COLUMNS = (
+    "method",
+    "selector",
+    "lr",
+    "seeds",
+    "final val loss (mean +- std)",
+    "loss 95% CI",
+    "val ppl (mean +- std)",
+    "ppl 95% CI",
+    "vs GaLore (loss, 95% CI)",
+    "vs AdamW (loss, 95% CI)",
+    "gap closed",
+    "s/run",
+)
+ROW_KEYS = {
+    "method",
+    "selector",
+    "lr",
+    "seeds",
+    "loss",
+    "ppl",
+    "vs_galore",
+    "vs_adamw",
+    "gap_closed",
+    "gap_closed_note",
+    "lr_at_edge",
+    "seconds_per_run",
+}
 META = {"device", "device_name", "torch", "cpu_count", "threads", "date", "args"}
 
 
@@ -35,8 +59,9 @@ def _table_rows(markdown: str, first_header: str) -> tuple[list[str], list[list[
 @pytest.mark.slow
 def test_quick_run_writes_every_row_column_and_plot(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    done = run_quick("quality.py", "--out-dir", str(out), "--work-dir", str(tmp_path / "runs"), cwd=tmp_path,
-                     timeout=600)
+    done = run_quick(
+        "quality.py", "--out-dir", str(out), "--work-dir", str(tmp_path / "runs"), cwd=tmp_path, timeout=600
+    )
     assert "ETA" in done.stdout
     result = json.loads((out / "quality.json").read_text())
     assert META <= set(result["meta"]) and result["meta"]["device"] == "cpu"

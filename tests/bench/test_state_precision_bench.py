@@ -11,8 +11,18 @@ from tests.bench.quick import run_quick
 
 VARIANTS = {f"{name}-{precision}" for name in ("lowrank", "adamw") for precision in ("fp32", "bf16", "8bit")}
 COLUMNS = {
-    "variant", "name", "state_precision", "step_median_s", "step_ratio", "state_bytes", "state_ratio",
-    "estimated_state_bytes", "train_peak_bytes", "train_baseline_bytes", "train_increase_bytes", "train_step_median_s",
+    "variant",
+    "name",
+    "state_precision",
+    "step_median_s",
+    "step_ratio",
+    "state_bytes",
+    "state_ratio",
+    "estimated_state_bytes",
+    "train_peak_bytes",
+    "train_baseline_bytes",
+    "train_increase_bytes",
+    "train_step_median_s",
     "train_final_loss",
 }
 META = {"device", "torch", "cpu_count", "threads", "date", "args"}

@@ -63,8 +63,11 @@ class RecordingLogger(Logger):
 
     # ---- views used by the asserts
     def lowrank_calls(self) -> list[tuple[int | None, dict[str, float]]]:
-        return [(step, {k: v for k, v in m.items() if k.startswith(TAG)}) for step, m in self.calls
-                if any(k.startswith(TAG) for k in m)]
+        return [
+            (step, {k: v for k, v in m.items() if k.startswith(TAG)})
+            for step, m in self.calls
+            if any(k.startswith(TAG) for k in m)
+        ]
 
     def steps(self, tag: str) -> list[int | None]:
         return [step for step, metrics in self.calls if tag in metrics]
@@ -80,10 +83,17 @@ class RecordingLogger(Logger):
         return out
 
 
-def optimizer_config(rank: int = 4, update_gap: int = 3, selector: str = "importance",
-                     targets: Sequence[str] = ("fc1", "fc2"), lr: float = 1e-2, stagger: int = 1,
-                     switch_at: float | None = None, switch_to: str | None = None,
-                     max_steps: int | None = None) -> dict[str, Any]:
+def optimizer_config(
+    rank: int = 4,
+    update_gap: int = 3,
+    selector: str = "importance",
+    targets: Sequence[str] = ("fc1", "fc2"),
+    lr: float = 1e-2,
+    stagger: int = 1,
+    switch_at: float | None = None,
+    switch_to: str | None = None,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
     """The optimizer section of a low-rank run: ``lowrank`` (what is projected, how) and ``refresh`` (when bases
     refresh: the optimizer's ``RefreshSchedule``)."""
     refresh: dict[str, Any] = {"update_gap": update_gap, "stagger": stagger}
@@ -91,8 +101,12 @@ def optimizer_config(rank: int = 4, update_gap: int = 3, selector: str = "import
         refresh.update(switch_at=switch_at, switch_to=switch_to)
     if max_steps is not None:
         refresh["max_steps"] = max_steps
-    return {"name": "lowrank", "lr": lr, "lowrank": {"rank": rank, "targets": list(targets), "selector": selector},
-            "refresh": refresh}
+    return {
+        "name": "lowrank",
+        "lr": lr,
+        "lowrank": {"rank": rank, "targets": list(targets), "selector": selector},
+        "refresh": refresh,
+    }
 
 
 class Block(nn.Module):
@@ -164,13 +178,22 @@ def scalar_loader(values: Sequence[float]) -> DataLoader:
     return DataLoader(TensorDataset(torch.tensor(values, dtype=torch.float32)), batch_size=1, shuffle=False)
 
 
-def make_trainer(root: Path, max_steps: int, callbacks: list[pl.Callback], logger: Logger | bool = False,
-                 **kwargs: Any) -> pl.Trainer:
+def make_trainer(
+    root: Path, max_steps: int, callbacks: list[pl.Callback], logger: Logger | bool = False, **kwargs: Any
+) -> pl.Trainer:
     kwargs.setdefault("enable_checkpointing", False)
     return pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, logger=logger, callbacks=callbacks,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        default_root_dir=root, **kwargs,
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=root,
+        **kwargs,
     )
 
 

@@ -14,7 +14,9 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "foreign_module.py"
 def test_foreign_module_example_runs(tmp_path):
     result = subprocess.run(
         [sys.executable, str(EXAMPLE), "--out", str(tmp_path), "--max-steps", "40"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     (events_dir,) = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}

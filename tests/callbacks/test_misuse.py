@@ -61,16 +61,22 @@ def test_two_resamplers(tmp_path: Path) -> None:
 
 
 def test_manual_optimization(tmp_path: Path) -> None:
-    with pytest.raises(MisconfigurationException, match=r"needs automatic optimization.*refreshes on its schedule "
-                                                      r"inside step\(\): remove the callback"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"needs automatic optimization.*refreshes on its schedule "
+        r"inside step\(\): remove the callback",
+    ):
         fit(tmp_path, [SubspaceResampler()], ManualModule(optimizer_config()))
 
 
 @pytest.mark.parametrize("callback", [SubspaceResampler, PerLayerUpdates])
 def test_switch_without_max_steps(tmp_path: Path, callback: type) -> None:
     module = MLPModule(optimizer_config(switch_at=0.5, switch_to="random"))
-    with pytest.raises(MisconfigurationException, match=rf"{callback.__name__}: the refresh schedule switches selector "
-                       r"at switch_at=0.5, a fraction of the run's max_steps, and trainer.max_steps is not set"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=rf"{callback.__name__}: the refresh schedule switches selector "
+        r"at switch_at=0.5, a fraction of the run's max_steps, and trainer.max_steps is not set",
+    ):
         fit(tmp_path, [callback()], module, max_steps=-1, max_epochs=1)
 
 
@@ -88,8 +94,11 @@ def fit_with_refresh(root: Path, **refresh: Any) -> None:
 
 @pytest.mark.parametrize("value", [0, -3])
 def test_update_gap_below_one(tmp_path: Path, value: int) -> None:
-    with pytest.raises(ValueError, match=rf"optimizer.refresh.update_gap: invalid value {value}; accepted: an "
-                                         r"integer >= 1"):
+    with pytest.raises(
+        ValueError,
+        match=rf"optimizer.refresh.update_gap: invalid value {value}; accepted: an "
+        r"integer >= 1",
+    ):
         fit_with_refresh(tmp_path, update_gap=value)
 
 
@@ -99,11 +108,14 @@ def test_update_gap_not_an_integer(tmp_path: Path, value: Any) -> None:
         fit_with_refresh(tmp_path, update_gap=value)
 
 
-@pytest.mark.parametrize(("value", "match"), [
-    (0, r"invalid value 0; accepted: an integer >= 1"),
-    (-1, r"invalid value -1; accepted: an integer >= 1"),
-    (2.0, r"expected int, got 2.0"),
-])
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (0, r"invalid value 0; accepted: an integer >= 1"),
+        (-1, r"invalid value -1; accepted: an integer >= 1"),
+        (2.0, r"expected int, got 2.0"),
+    ],
+)
 def test_stagger_below_one(tmp_path: Path, value: Any, match: str) -> None:
     with pytest.raises(ValueError, match=rf"optimizer.refresh.stagger: {match}"):
         fit_with_refresh(tmp_path, stagger=value)
@@ -111,8 +123,11 @@ def test_stagger_below_one(tmp_path: Path, value: Any, match: str) -> None:
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
 def test_switch_fraction_outside_unit_interval(tmp_path: Path, value: Any) -> None:
-    with pytest.raises(ValueError, match=r"optimizer.refresh.switch_at: invalid value .*accepted: a fraction of .* "
-                                         r"in \[0, 1\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"optimizer.refresh.switch_at: invalid value .*accepted: a fraction of .* "
+        r"in \[0, 1\]",
+    ):
         fit_with_refresh(tmp_path, switch_at=value, switch_to="random")
 
 
@@ -132,12 +147,15 @@ def test_unknown_selector_names(tmp_path: Path, key: str, where: str) -> None:
         fit_with_refresh(tmp_path, **kwargs)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"image_interval": 0}, "image_interval: invalid value 0"),
-    ({"frozen_threshold": 0.0}, r"frozen_threshold: invalid value 0.0; accepted: a number in \(0, 1\]"),
-    ({"frozen_threshold": 1.5}, "frozen_threshold: invalid value 1.5"),
-    ({"frozen_patience": 0}, "frozen_patience: invalid value 0; accepted: an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"image_interval": 0}, "image_interval: invalid value 0"),
+        ({"frozen_threshold": 0.0}, r"frozen_threshold: invalid value 0.0; accepted: a number in \(0, 1\]"),
+        ({"frozen_threshold": 1.5}, "frozen_threshold: invalid value 1.5"),
+        ({"frozen_patience": 0}, "frozen_patience: invalid value 0; accepted: an integer >= 1"),
+    ],
+)
 def test_monitor_arguments(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SubspaceOverlapMonitor(**kwargs)

@@ -16,7 +16,13 @@ from lowrank_recipes.callbacks.overlap_monitor import IMAGE_TAG
 from lowrank import RefreshRecord
 from lowrank.overlap import layer_label, module_type, normalized_overlap, overlap_metrics
 from tests.callbacks.helpers import (
-    WARNING_FILTERS, FixedGradModule, MLPModule, RecordingLogger, make_trainer, optimizer_config, regression_loader,
+    WARNING_FILTERS,
+    FixedGradModule,
+    MLPModule,
+    RecordingLogger,
+    make_trainer,
+    optimizer_config,
+    regression_loader,
     scalar_loader,
 )
 
@@ -41,19 +47,27 @@ def test_names_to_module_types_and_layers() -> None:
 def test_overlap_metrics_exact_values() -> None:
     eye = torch.eye(4)
     records = [
-        record("m.layers.0.q_proj.weight", eye[:, :2], eye[:, :2]),               # same subspace: 1
-        record("m.layers.0.k_proj.weight", eye[:, :2], eye[:, 2:]),               # orthogonal: 0
-        record("m.layers.1.q_proj.weight", eye[:, :2], eye[:, 1:3]),              # one shared axis: 1/2
-        record("m.layers.1.v_proj.weight", eye, eye[:, [1, 0, 2, 3]]),            # full rank: chance 1
+        record("m.layers.0.q_proj.weight", eye[:, :2], eye[:, :2]),  # same subspace: 1
+        record("m.layers.0.k_proj.weight", eye[:, :2], eye[:, 2:]),  # orthogonal: 0
+        record("m.layers.1.q_proj.weight", eye[:, :2], eye[:, 1:3]),  # one shared axis: 1/2
+        record("m.layers.1.v_proj.weight", eye, eye[:, [1, 0, 2, 3]]),  # full rank: chance 1
     ]
     latest = {r.name: (r.overlap, r.chance) for r in records}
-    assert overlap_metrics(latest) == pytest.approx({
-        "lowrank/overlap/q_proj": 0.75, "lowrank/overlap_chance/q_proj": 0.5, "lowrank/overlap_normalized/q_proj": 0.5,
-        "lowrank/overlap/k_proj": 0.0, "lowrank/overlap_chance/k_proj": 0.5, "lowrank/overlap_normalized/k_proj": -1.0,
-        "lowrank/overlap/v_proj": 1.0, "lowrank/overlap_chance/v_proj": 1.0,
-        "lowrank/overlap/mean": 2.5 / 4, "lowrank/overlap_chance/mean": 2.5 / 4,
-        "lowrank/overlap_normalized/mean": (1.0 - 1.0 + 0.0) / 3,
-    })
+    assert overlap_metrics(latest) == pytest.approx(
+        {
+            "lowrank/overlap/q_proj": 0.75,
+            "lowrank/overlap_chance/q_proj": 0.5,
+            "lowrank/overlap_normalized/q_proj": 0.5,
+            "lowrank/overlap/k_proj": 0.0,
+            "lowrank/overlap_chance/k_proj": 0.5,
+            "lowrank/overlap_normalized/k_proj": -1.0,
+            "lowrank/overlap/v_proj": 1.0,
+            "lowrank/overlap_chance/v_proj": 1.0,
+            "lowrank/overlap/mean": 2.5 / 4,
+            "lowrank/overlap_chance/mean": 2.5 / 4,
+            "lowrank/overlap_normalized/mean": (1.0 - 1.0 + 0.0) / 3,
+        }
+    )
     assert overlap_metrics({}) == {}
     assert record("m.layers.1.k_proj.weight", None, eye[:, :2]).overlap is None  # first refresh: nothing to log
     assert normalized_overlap(0.25, 0.25) == 0.0 and normalized_overlap(1.0, 1.0) is None
@@ -83,8 +97,12 @@ def test_dominant_on_a_fixed_gradient_gives_overlap_one_and_warns_once(tmp_path:
         warnings.simplefilter("always")
         make_trainer(tmp_path, 7, [SubspaceResampler(), monitor], logger).fit(module, scalar_loader([1.0] * 7))
     assert logger.steps("lowrank/overlap/mean") == [1, 2, 3, 4, 5, 6]
-    for tag in ("lowrank/overlap/fc1", "lowrank/overlap/fc2", "lowrank/overlap/mean",
-                "lowrank/overlap_normalized/mean"):
+    for tag in (
+        "lowrank/overlap/fc1",
+        "lowrank/overlap/fc2",
+        "lowrank/overlap/mean",
+        "lowrank/overlap_normalized/mean",
+    ):
         assert logger.values(tag) == pytest.approx([1.0] * 6, abs=1e-5)
     frozen = [w for w in caught if "the subspace is frozen" in str(w.message)]
     assert len(frozen) == 1
@@ -99,7 +117,8 @@ def test_random_selector_averages_near_chance(tmp_path: Path) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_trainer(tmp_path, 31, [SubspaceResampler(), SubspaceOverlapMonitor(image_interval=None)], logger).fit(
-            module, regression_loader(width=width))
+            module, regression_loader(width=width)
+        )
     means = logger.values("lowrank/overlap/mean")
     assert len(means) == 30 and all(0.0 <= v <= 1.0 for v in means)
     assert logger.values("lowrank/overlap_chance/mean") == pytest.approx([rank / width] * 30)
@@ -115,8 +134,11 @@ def test_picture_every_interval_and_at_the_end(tmp_path: Path) -> None:
     make_trainer(tmp_path, 6, [SubspaceResampler(), monitor], logger).fit(module, regression_loader())
     images = logger.experiment.images
     # 5 refreshes with overlaps (steps 1..5): pictures at the 2nd and 4th, and the last one at the end.
-    assert [(tag, step, fmt) for tag, _, step, fmt in images] == [(IMAGE_TAG, 2, "HWC"), (IMAGE_TAG, 4, "HWC"),
-                                                                  (IMAGE_TAG, 5, "HWC")]
+    assert [(tag, step, fmt) for tag, _, step, fmt in images] == [
+        (IMAGE_TAG, 2, "HWC"),
+        (IMAGE_TAG, 4, "HWC"),
+        (IMAGE_TAG, 5, "HWC"),
+    ]
     for _, image, _, _ in images:
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and image.shape[0] > 100
         assert image.std() > 0  # something was drawn
@@ -126,11 +148,13 @@ def test_loggers_without_add_image_are_skipped(tmp_path: Path) -> None:
     module = MLPModule(optimizer_config(update_gap=1))
     logger = RecordingLogger(with_images=False)
     make_trainer(tmp_path, 4, [SubspaceResampler(), SubspaceOverlapMonitor(image_interval=1)], logger).fit(
-        module, regression_loader())
+        module, regression_loader()
+    )
     assert logger.steps("lowrank/overlap/mean") == [1, 2, 3]
     # No logger at all works too.
     make_trainer(tmp_path, 3, [SubspaceResampler(), SubspaceOverlapMonitor(image_interval=1)], False).fit(
-        MLPModule(optimizer_config(update_gap=1)), regression_loader())
+        MLPModule(optimizer_config(update_gap=1)), regression_loader()
+    )
 
 
 def test_tensorboard_receives_scalars_and_the_picture(tmp_path: Path) -> None:
@@ -139,7 +163,8 @@ def test_tensorboard_receives_scalars_and_the_picture(tmp_path: Path) -> None:
     module = MLPModule(optimizer_config(update_gap=2))
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version="")
     make_trainer(tmp_path, 5, [SubspaceResampler(), SubspaceOverlapMonitor(image_interval=1)], logger).fit(
-        module, regression_loader())
+        module, regression_loader()
+    )
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("lowrank/overlap/mean")] == [2, 4]
@@ -169,7 +194,10 @@ def test_the_monitor_needs_no_resampler(tmp_path: Path) -> None:
     assert alone.steps("lowrank/overlap/mean") == list(range(1, 9))
     assert alone.steps("lowrank/refresh_seconds") == []
     assert both.steps("lowrank/refresh_seconds") == list(range(9))
-    overlap_calls = [(step, metrics) for step, metrics in both.lowrank_calls()
-                     if any(k.startswith("lowrank/overlap") for k in metrics)]
+    overlap_calls = [
+        (step, metrics)
+        for step, metrics in both.lowrank_calls()
+        if any(k.startswith("lowrank/overlap") for k in metrics)
+    ]
     assert alone.lowrank_calls() == overlap_calls
     assert monitor.num_refreshes == 8

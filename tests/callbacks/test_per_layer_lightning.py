@@ -13,7 +13,14 @@ from lowrank_recipes.callbacks.per_layer import PerLayerUpdates
 from lowrank_recipes.callbacks.resampler import SubspaceResampler
 from lowrank_recipes.callbacks import SubspaceOverlapMonitor
 from tests.callbacks.helpers import (
-    WARNING_FILTERS, MLPModule, RecordingLogger, RecordTap, Tap, make_trainer, optimizer_config, regression_loader,
+    WARNING_FILTERS,
+    MLPModule,
+    RecordingLogger,
+    RecordTap,
+    Tap,
+    make_trainer,
+    optimizer_config,
+    regression_loader,
 )
 
 pytestmark = WARNING_FILTERS
@@ -81,7 +88,8 @@ def test_an_attached_resampler_has_nothing_to_run(tmp_path: Path, order: str) ->
     module = ClippedMLP(None, optimizer=optimizer_config(rank=4, update_gap=3, selector="importance"))
     callbacks = [PerLayerUpdates(), resampler] if order == "resampler_last" else [resampler, PerLayerUpdates()]
     make_trainer(tmp_path / "both", max_steps=5, callbacks=callbacks, logger=logger).fit(
-        module, regression_loader(samples=16, batch_size=4))
+        module, regression_loader(samples=16, batch_size=4)
+    )
     alone = fit(tmp_path / "alone", per_layer=True, clip=None, selector="importance")
     for (name, a), (_, b) in zip(alone.named_parameters(), module.named_parameters()):
         assert torch.equal(b, a), name
@@ -96,8 +104,7 @@ def test_ddp_is_refused(tmp_path: Path) -> None:
 
 
 def test_all_problems_in_one_error(tmp_path: Path) -> None:
-    message = trainer_error(tmp_path, [PerLayerUpdates(clip_norm=-1)], accumulate_grad_batches=2,
-                            gradient_clip_val=1.0)
+    message = trainer_error(tmp_path, [PerLayerUpdates(clip_norm=-1)], accumulate_grad_batches=2, gradient_clip_val=1.0)
     assert "accumulate_grad_batches=2" in message and "gradient_clip_val=1.0" in message
     assert "clip_norm: invalid value -1" in message
 
@@ -106,8 +113,9 @@ def test_all_problems_in_one_error(tmp_path: Path) -> None:
 STEPS, GAP, STAGGER, SWITCH_AT = 8, 3, 2, 0.5
 
 
-def expected_refreshes(names: list[str], steps: int, gap: int, stagger: int, switch_at: float, group: str,
-                       switch_to: str) -> list[tuple[int, str, str]]:
+def expected_refreshes(
+    names: list[str], steps: int, gap: int, stagger: int, switch_at: float, group: str, switch_to: str
+) -> list[tuple[int, str, str]]:
     """(step, name, selector) of every refresh, from the schedule's definition: place i of n in slice
     floor(i * k / n) with offset floor(j * T / k), due when (s - offset) % T == 0; every weight at step 0 (no basis
     yet); the group's selector before ceil(switch_at * steps), switch_to from then on."""
@@ -122,8 +130,9 @@ def expected_refreshes(names: list[str], steps: int, gap: int, stagger: int, swi
 
 
 def test_per_layer_updates_honour_stagger_and_switch(tmp_path: Path) -> None:
-    config = optimizer_config(rank=4, update_gap=GAP, stagger=STAGGER, switch_at=SWITCH_AT, switch_to="random",
-                              selector="importance")
+    config = optimizer_config(
+        rank=4, update_gap=GAP, stagger=STAGGER, switch_at=SWITCH_AT, switch_to="random", selector="importance"
+    )
     module = MLPModule(config, blocks=2)
     names = [f"layers.{i}.{kind}.weight" for i in range(2) for kind in ("fc1", "fc2")]
     tap, logger = RecordTap(), RecordingLogger()

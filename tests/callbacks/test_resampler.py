@@ -10,8 +10,16 @@ import torch
 from lowrank_recipes.callbacks import SubspaceOverlapMonitor, SubspaceResampler
 from lowrank import LowRankOptimizer, RefreshSchedule, build_optimizer
 from tests.callbacks.helpers import (
-    WARNING_FILTERS, FixedGradModule, MLPModule, RecordingLogger, RecordTap, Tap, make_trainer, optimizer_config,
-    regression_loader, scalar_loader,
+    WARNING_FILTERS,
+    FixedGradModule,
+    MLPModule,
+    RecordingLogger,
+    RecordTap,
+    Tap,
+    make_trainer,
+    optimizer_config,
+    regression_loader,
+    scalar_loader,
 )
 
 pytestmark = WARNING_FILTERS
@@ -45,7 +53,8 @@ def test_refreshes_every_update_gap_steps_and_logs_exactly(tmp_path: Path) -> No
         o, c = overlaps["lowrank/overlap/fc2"], overlaps["lowrank/overlap_chance/fc2"]
         assert overlaps["lowrank/overlap_normalized/fc2"] == pytest.approx((o - c) / (1 - c))
         assert overlaps["lowrank/overlap/mean"] == pytest.approx(
-            (overlaps["lowrank/overlap/fc1"] + overlaps["lowrank/overlap/fc2"]) / 2)
+            (overlaps["lowrank/overlap/fc1"] + overlaps["lowrank/overlap/fc2"]) / 2
+        )
     assert resampler.num_refreshes == 3 and resampler.last_refresh_step == 6
     assert [row[0] for row in tap.rows[-2:]] == [6, 6]
     optimizer = trainer.optimizers[0]
@@ -57,8 +66,13 @@ def test_refreshes_every_update_gap_steps_and_logs_exactly(tmp_path: Path) -> No
 def test_accumulation_refreshes_per_optimizer_step_from_the_accumulated_gradient(tmp_path: Path) -> None:
     module = FixedGradModule(optimizer_config(update_gap=3, selector="dominant"))
     logger, tap = RecordingLogger(), RecordTap()
-    trainer = make_trainer(tmp_path, 7, [SubspaceResampler(), SubspaceOverlapMonitor(image_interval=None), Tap(tap)],
-                           logger, accumulate_grad_batches=2)
+    trainer = make_trainer(
+        tmp_path,
+        7,
+        [SubspaceResampler(), SubspaceOverlapMonitor(image_interval=None), Tap(tap)],
+        logger,
+        accumulate_grad_batches=2,
+    )
     trainer.fit(module, scalar_loader([1.0, 3.0] * 7))
 
     assert tap.steps() == [0, 3, 6]
@@ -78,7 +92,8 @@ def test_staggered_schedule_refreshes_slices_once_per_period(tmp_path: Path) -> 
     logger, tap = RecordingLogger(), RecordTap()
     resampler = SubspaceResampler()
     trainer = make_trainer(
-        tmp_path, 11, [resampler, SubspaceOverlapMonitor(per_layer=True, image_interval=None), Tap(tap)], logger)
+        tmp_path, 11, [resampler, SubspaceOverlapMonitor(per_layer=True, image_interval=None), Tap(tap)], logger
+    )
     trainer.fit(module, regression_loader())
 
     first, second = ["layers.0.fc1.weight", "layers.0.fc2.weight"], ["layers.1.fc1.weight", "layers.1.fc2.weight"]
@@ -95,8 +110,11 @@ def test_staggered_schedule_refreshes_slices_once_per_period(tmp_path: Path) -> 
         assert logger.steps(f"lowrank/overlap_layer/{name}") == [4, 8]
     for name in second:
         assert logger.steps(f"lowrank/overlap_layer/{name}") == [2, 6, 10]
-    assert set(logger.at(2)) == {"lowrank/refresh_seconds", *expected_tags(("fc1", "fc2")),
-                                 *(f"lowrank/overlap_layer/{n}" for n in second)}
+    assert set(logger.at(2)) == {
+        "lowrank/refresh_seconds",
+        *expected_tags(("fc1", "fc2")),
+        *(f"lowrank/overlap_layer/{n}" for n in second),
+    }
 
 
 @pytest.mark.parametrize(("count", "gap", "stagger"), [(7, 5, 3), (4, 3, 3), (3, 2, 5), (5, 6, 1)])
@@ -131,8 +149,15 @@ def test_group_selector_then_the_schedules_switch(tmp_path: Path) -> None:
     assert horizons == [8, 8, 8, 8]
     assert tap.steps() == [0, 2, 4, 6]
     assert [(row[0], row[2]) for row in tap.rows] == [
-        (0, "dominant"), (0, "dominant"), (2, "dominant"), (2, "dominant"),
-        (4, "random"), (4, "random"), (6, "random"), (6, "random")]
+        (0, "dominant"),
+        (0, "dominant"),
+        (2, "dominant"),
+        (2, "dominant"),
+        (4, "random"),
+        (4, "random"),
+        (6, "random"),
+        (6, "random"),
+    ]
     optimizer = trainer.optimizers[0]
     assert optimizer.schedule.max_steps is None  # restored at teardown
     schedule = optimizer.schedule.with_max_steps(8)
@@ -163,7 +188,8 @@ def test_a_plain_loop_gets_the_same_refreshes_as_a_lightning_run(tmp_path: Path)
     optimizer = build_optimizer(module, module.optimizer_config)
     plain: list[tuple[int, str, str, torch.Tensor]] = []
     optimizer.register_refresh_listener(
-        lambda _, records: plain.extend((r.step, r.name, r.selector, r.new_basis.clone()) for r in records))
+        lambda _, records: plain.extend((r.step, r.name, r.selector, r.new_basis.clone()) for r in records)
+    )
     batches = iter([])
     for step in range(steps):
         batch = next(batches, None)
@@ -177,9 +203,13 @@ def test_a_plain_loop_gets_the_same_refreshes_as_a_lightning_run(tmp_path: Path)
     # Slices: layers.0 at 0, 4, 8; layers.1 at 0 (first basis), 2, 6; random from ceil(0.5 * 9) = 5 on.
     first = ["layers.0.fc1.weight", "layers.0.fc2.weight"]
     second = ["layers.1.fc1.weight", "layers.1.fc2.weight"]
-    want = ([(0, n, "importance") for n in first + second] + [(2, n, "importance") for n in second]
-            + [(4, n, "importance") for n in first] + [(6, n, "random") for n in second]
-            + [(8, n, "random") for n in first])
+    want = (
+        [(0, n, "importance") for n in first + second]
+        + [(2, n, "importance") for n in second]
+        + [(4, n, "importance") for n in first]
+        + [(6, n, "random") for n in second]
+        + [(8, n, "random") for n in first]
+    )
     assert [(row[0], row[1], row[2]) for row in tap.rows] == want
     assert [(row[0], row[1], row[2]) for row in plain] == want
     # Same model, data and draws: the same bases (compared up to the second refresh, before the runs' weights could

@@ -11,7 +11,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lowrank_recipes.callbacks import SubspaceOverlapMonitor, SubspaceResampler
 from tests.callbacks.helpers import (
-    WARNING_FILTERS, MLPModule, RecordingLogger, RecordTap, Tap, make_trainer, optimizer_config, regression_loader,
+    WARNING_FILTERS,
+    MLPModule,
+    RecordingLogger,
+    RecordTap,
+    Tap,
+    make_trainer,
+    optimizer_config,
+    regression_loader,
 )
 
 pytestmark = [*WARNING_FILTERS, pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")]
@@ -19,8 +26,14 @@ pytestmark = [*WARNING_FILTERS, pytest.mark.filterwarnings("ignore:Be aware that
 MAX_STEPS, STOP = 10, 5
 
 
-def run(root: Path, max_steps: int, ckpt_path: str | None = None, every: int | None = None, update_gap: int = 3,
-        stagger: int = 2):
+def run(
+    root: Path,
+    max_steps: int,
+    ckpt_path: str | None = None,
+    every: int | None = None,
+    update_gap: int = 3,
+    stagger: int = 2,
+):
     module = MLPModule(optimizer_config(update_gap=update_gap, stagger=stagger, selector="importance"), blocks=2)
     logger, tap = RecordingLogger(), RecordTap()
     resampler, monitor = SubspaceResampler(), SubspaceOverlapMonitor(per_layer=True, image_interval=None)
@@ -62,7 +75,11 @@ def test_resuming_with_another_schedule_warns(tmp_path: Path) -> None:
     (ckpt,) = (tmp_path / "stop" / "ckpt").glob("*.ckpt")
     saved = torch.load(ckpt, weights_only=True)["callbacks"]["SubspaceResampler"]
     assert {k: saved[k] for k in ("update_gap", "stagger", "switch_at", "switch_to")} == {
-        "update_gap": 3, "stagger": 2, "switch_at": None, "switch_to": None}
+        "update_gap": 3,
+        "stagger": 2,
+        "switch_at": None,
+        "switch_to": None,
+    }
     with pytest.warns(UserWarning, match=r"another refresh schedule \(update_gap=3 -> 5, stagger=2 -> 1\)"):
         run(tmp_path / "resume", MAX_STEPS, ckpt_path=str(ckpt), update_gap=5, stagger=1)
     # The same schedule resumes silently.

@@ -32,7 +32,9 @@ def test_sharded_strategies_refuse_compact_states(precision):
     if precision == "fp32":
         callback.on_fit_start(sharded, None)
     else:
-        with pytest.raises(MisconfigurationException, match=f"state_precision='{precision}'.*ModelParallelStrategy.*fp32"):
+        with pytest.raises(
+            MisconfigurationException, match=f"state_precision='{precision}'.*ModelParallelStrategy.*fp32"
+        ):
             callback.on_fit_start(sharded, None)
 
 

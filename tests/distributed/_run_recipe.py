@@ -49,14 +49,16 @@ class RecordRun(pl.Callback):
         self._step_sum: torch.Tensor | None = None
         self._steps_before = 0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._step_sum is None:
             self._step_sum = torch.zeros((), dtype=torch.float64)
             self._steps_before = trainer.global_step
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._step_sum += outputs["loss"].detach().double().cpu()  # already divided by the accumulation count
         if trainer.global_step == self._steps_before:  # mid-accumulation: no optimizer step yet
             return
@@ -75,8 +77,10 @@ class RecordRun(pl.Callback):
         bases = {names[id(p)]: _full(s["lowrank_basis"]) for p, s in state.items() if "lowrank_basis" in s}
         weights = {k: _full(v) for k, v in pl_module.state_dict().items()}
         local_shapes = {n: list(p.to_local().shape) for n, p in pl_module.named_parameters() if isinstance(p, DTensor)}
-        torch.save({"bases": bases, "weights": weights, "global_step": trainer.global_step,
-                    "local_shapes": local_shapes}, record / f"rank{rank}.pt")
+        torch.save(
+            {"bases": bases, "weights": weights, "global_step": trainer.global_step, "local_shapes": local_shapes},
+            record / f"rank{rank}.pt",
+        )
         (record / f"losses-rank{rank}.json").write_text(json.dumps(self.losses))
 
 

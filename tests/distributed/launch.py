@@ -34,19 +34,42 @@ RUN_MARKS = [
 
 # A launcher's variables in this process's environment (torchrun, SLURM) would make Lightning join that job instead
 # of starting its own 2 processes: the subprocesses get an environment without them.
-_LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
-                       "LOCAL_WORLD_SIZE", "STANDALONE_PORT")
+_LAUNCHER_VARIABLES = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "LOCAL_WORLD_SIZE",
+    "STANDALONE_PORT",
+)
 
 SCRIPT = Path(__file__).resolve().parent / "_run_recipe.py"
 ROOT = SCRIPT.parents[2]
 PRETRAIN = ROOT / "recipes" / "pretrain.py"
 STEPS, STOP_AT = 12, 6
 TINY = [
-    "model.vocab_size=384", "model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=2",
-    "model.num_layers=2", "model.max_seq_len=32", "data.vocab_size=384", "data.seq_len=32", "data.max_documents=20",
-    "data.micro_batch_size=4", "data.val_sequences=8", "trainer.global_batch_size=8", "optimizer.lowrank.rank=8",
-    "optimizer.refresh.update_gap=4", "trainer.val_every_n_steps=100", "trainer.log_every_n_steps=1",
-    f"trainer.max_steps={STEPS}", "trainer.checkpoint_every_n_steps=3", "trainer.accelerator=cpu",
+    "model.vocab_size=384",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_heads=2",
+    "model.num_layers=2",
+    "model.max_seq_len=32",
+    "data.vocab_size=384",
+    "data.seq_len=32",
+    "data.max_documents=20",
+    "data.micro_batch_size=4",
+    "data.val_sequences=8",
+    "trainer.global_batch_size=8",
+    "optimizer.lowrank.rank=8",
+    "optimizer.refresh.update_gap=4",
+    "trainer.val_every_n_steps=100",
+    "trainer.log_every_n_steps=1",
+    f"trainer.max_steps={STEPS}",
+    "trainer.checkpoint_every_n_steps=3",
+    "trainer.accelerator=cpu",
 ]
 
 
@@ -98,10 +121,14 @@ def checkpoint_bases(checkpoint: dict) -> dict[str, torch.Tensor]:
     """The ``lowrank_basis`` tensors of a single-file checkpoint's optimizer state, keyed like the module's
     parameters (``model.`` + the optimizer's parameter name), as ``RecordRun`` keys them."""
     optimizer = checkpoint["optimizer_states"][0]
-    keys = {key: name for group in optimizer["param_groups"]
-            for key, name in zip(group["params"], group["param_names"])}
-    return {f"model.{keys[key]}": entry["lowrank_basis"] for key, entry in optimizer["state"].items()
-            if "lowrank_basis" in entry}
+    keys = {
+        key: name for group in optimizer["param_groups"] for key, name in zip(group["params"], group["param_names"])
+    }
+    return {
+        f"model.{keys[key]}": entry["lowrank_basis"]
+        for key, entry in optimizer["state"].items()
+        if "lowrank_basis" in entry
+    }
 
 
 @contextmanager
@@ -109,10 +136,19 @@ def _recipe_env(root: Path) -> Iterator[dict[str, str]]:
     """The environment of every run under ``root`` (offline, one thread, the shared tokenizer cache), applied to this
     process for the in-process runs and returned for the subprocesses."""
     cache = root / "cache"
-    clean = {k: v for k, v in os.environ.items()
-             if k not in _LAUNCHER_VARIABLES and not k.startswith(("SLURM_", "TORCHELASTIC_"))}
-    env = {**clean, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "LOWRANK_RECIPES_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _LAUNCHER_VARIABLES and not k.startswith(("SLURM_", "TORCHELASTIC_"))
+    }
+    env = {
+        **clean,
+        "OMP_NUM_THREADS": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "LOWRANK_RECIPES_CACHE": str(cache),
+        "PYTHONPATH": str(ROOT),
+    }
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -134,9 +170,14 @@ def run_in_process(root: Path, name: str, selector: str, *extra: str) -> Path:
 
 
 def run_matrix(
-    tmp_path_factory: pytest.TempPathFactory, name: str, parallel: list[str], selectors: tuple[str, ...],
-    reference: tuple[str, ...] = (), splits: dict[str, tuple[str, ...]] | None = None,
-    launchers: dict[str, list[str]] | None = None, variants: dict[str, tuple[str, ...]] | None = None,
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    parallel: list[str],
+    selectors: tuple[str, ...],
+    reference: tuple[str, ...] = (),
+    splits: dict[str, tuple[str, ...]] | None = None,
+    launchers: dict[str, list[str]] | None = None,
+    variants: dict[str, tuple[str, ...]] | None = None,
 ) -> Path:
     """Runs everything once and returns the root folder: ``<selector>-1`` (1 process, overrides ``reference`` added),
     ``<selector>-2`` (2 ranks, overrides ``parallel``), per entry of ``splits`` (default ``{"split": ()}``) a 2-rank
@@ -151,15 +192,38 @@ def run_matrix(
         # Train and cache the tokenizer once, before the processes that read it start.
         run, _ = load_run_config("default", _overrides(cache, root / "unused", "dominant"))
         PretrainDataModule(run.data).prepare_data()
-        launched = [_launch(_script(*_overrides(cache, root / f"{s}-2", s), *parallel), root / f"{s}-2.log", env)
-                    for s in selectors]
-        launched += [_launch(_script(*_overrides(cache, root / tag, selectors[0]), *parallel, *more),
-                             root / f"{tag}.log", env) for tag, more in (variants or {}).items()]
-        launched += [_launch([*prefix, str(PRETRAIN), *_overrides(cache, root / tag, selectors[0]), *parallel],
-                             root / f"{tag}.log", env) for tag, prefix in (launchers or {}).items()]
-        firsts = {tag: _launch(_script("--stop-at", str(STOP_AT), "--record", "first",
-                                       *_overrides(cache, root / tag, "importance"), *parallel, *more),
-                               root / f"{tag}-first.log", env) for tag, more in splits.items()}
+        launched = [
+            _launch(_script(*_overrides(cache, root / f"{s}-2", s), *parallel), root / f"{s}-2.log", env)
+            for s in selectors
+        ]
+        launched += [
+            _launch(_script(*_overrides(cache, root / tag, selectors[0]), *parallel, *more), root / f"{tag}.log", env)
+            for tag, more in (variants or {}).items()
+        ]
+        launched += [
+            _launch(
+                [*prefix, str(PRETRAIN), *_overrides(cache, root / tag, selectors[0]), *parallel],
+                root / f"{tag}.log",
+                env,
+            )
+            for tag, prefix in (launchers or {}).items()
+        ]
+        firsts = {
+            tag: _launch(
+                _script(
+                    "--stop-at",
+                    str(STOP_AT),
+                    "--record",
+                    "first",
+                    *_overrides(cache, root / tag, "importance"),
+                    *parallel,
+                    *more,
+                ),
+                root / f"{tag}-first.log",
+                env,
+            )
+            for tag, more in splits.items()
+        }
         try:
             for selector in selectors:  # the references, in this process, while the ranks run
                 overrides = _overrides(cache, root / f"{selector}-1", selector, *reference)
@@ -167,9 +231,19 @@ def run_matrix(
                 fit(run, resolved, callbacks=[RecordRun(root / f"{selector}-1" / "record")])
             for tag, more in splits.items():
                 _wait(*firsts[tag])
-                launched.append(_launch(_script("--record", "second", *_overrides(cache, root / tag, "importance",
-                                                                                  "resume=auto"), *parallel, *more),
-                                        root / f"{tag}-second.log", env))
+                launched.append(
+                    _launch(
+                        _script(
+                            "--record",
+                            "second",
+                            *_overrides(cache, root / tag, "importance", "resume=auto"),
+                            *parallel,
+                            *more,
+                        ),
+                        root / f"{tag}-second.log",
+                        env,
+                    )
+                )
             for proc in launched:
                 _wait(*proc)
         finally:

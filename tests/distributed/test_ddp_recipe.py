@@ -49,11 +49,25 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     the SVDs across the ranks."""
     launchers = {
         "torchrun": [console_script("torchrun"), "--standalone", "--nproc_per_node", "2"],
-        "fabric-run": [console_script("fabric"), "run", "--accelerator", "cpu", "--devices", "2",
-                       "--main-port", str(free_port())],
+        "fabric-run": [
+            console_script("fabric"),
+            "run",
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "2",
+            "--main-port",
+            str(free_port()),
+        ],
     }
-    return run_matrix(tmp_path_factory, "ddp-recipe", DDP, SELECTORS, launchers=launchers,
-                      variants={"split-svd": ("optimizer.refresh.split_across_ranks=true",)})
+    return run_matrix(
+        tmp_path_factory,
+        "ddp-recipe",
+        DDP,
+        SELECTORS,
+        launchers=launchers,
+        variants={"split-svd": ("optimizer.refresh.split_across_ranks=true",)},
+    )
 
 
 def _logged_losses(out: Path) -> dict[int, float]:
@@ -79,8 +93,9 @@ def test_two_ranks_match_one_process(runs: Path, selector: str) -> None:
 
     # And the same as one process accumulating the same global batches, to fp32 tolerance (seen: bitwise).
     steps = sorted(single_losses)
-    torch.testing.assert_close(torch.tensor([losses0[s] for s in steps]),
-                               torch.tensor([single_losses[s] for s in steps]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor([losses0[s] for s in steps]), torch.tensor([single_losses[s] for s in steps]), rtol=1e-6, atol=1e-6
+    )
     for key in ("bases", "weights"):
         assert _max_diff(rank0[key], single[key]) <= 1e-6, (key, _max_diff(rank0[key], single[key]))
     # The bases really were refreshed from gradients (not the placeholder's coordinate axes).
@@ -141,5 +156,9 @@ def test_split_svd_run_matches_the_unsplit_run(runs: Path) -> None:
     for key in ("bases", "weights"):
         assert _max_diff(rank0[key], rank1[key]) == 0 and _max_diff(rank0[key], unsplit[key]) == 0, key
         assert _max_diff(rank0[key], single[key]) <= 1e-5, (key, _max_diff(rank0[key], single[key]))
-    torch.testing.assert_close(torch.tensor([losses0[s] for s in range(1, STEPS + 1)]),
-                               torch.tensor([single_losses[s] for s in range(1, STEPS + 1)]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor([losses0[s] for s in range(1, STEPS + 1)]),
+        torch.tensor([single_losses[s] for s in range(1, STEPS + 1)]),
+        rtol=1e-6,
+        atol=1e-6,
+    )

@@ -39,8 +39,12 @@ from .spawn import run_ranks
 pytestmark = [pytest.mark.multiprocess]
 
 WORLD, STEPS, SAVE_AT, GAP, RANK, BATCH = 2, 8, 6, 3, 4, 8
-CONFIGS = {"dominant": ("dominant", False, "keep"), "importance": ("importance", False, "keep"),
-           "fira": ("importance", True, "keep"), "rotate": ("dominant", False, "rotate")}
+CONFIGS = {
+    "dominant": ("dominant", False, "keep"),
+    "importance": ("importance", False, "keep"),
+    "fira": ("importance", True, "keep"),
+    "rotate": ("dominant", False, "rotate"),
+}
 LOWRANK_NAMES = ("q_proj.weight", "up_proj.weight")
 
 
@@ -67,12 +71,20 @@ def _optimizer(
     named = dict(model.named_parameters())
     plain = [n for n in named if n not in LOWRANK_NAMES]
     groups = [
-        {"params": [named[n] for n in LOWRANK_NAMES], "param_names": list(LOWRANK_NAMES), "rank": RANK,
-         "side": side},
+        {"params": [named[n] for n in LOWRANK_NAMES], "param_names": list(LOWRANK_NAMES), "rank": RANK, "side": side},
         {"params": [named[n] for n in plain], "param_names": plain},
     ]
-    return LowRankOptimizer(groups, lr=0.01, weight_decay=0.01, selector=selector, schedule={"update_gap": GAP},
-                            alpha=0.25, fira=fira, moment_policy=policy, seed=3)
+    return LowRankOptimizer(
+        groups,
+        lr=0.01,
+        weight_decay=0.01,
+        selector=selector,
+        schedule={"update_gap": GAP},
+        alpha=0.25,
+        fira=fira,
+        moment_policy=policy,
+        seed=3,
+    )
 
 
 def _half_loss(model: nn.Module, step: int, half: int) -> torch.Tensor:
@@ -96,7 +108,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
         set_optimizer_state_dict,
     )
     from torch.distributed.device_mesh import init_device_mesh
@@ -136,12 +151,18 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "basis": [str(p) for p in basis.placements] if isinstance(basis, DTensor) else None,
         }
         ckpt = os.path.join(out_dir, f"ckpt_{key}")
-        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=ckpt)
+        dcp.save(
+            {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt
+        )
         gather = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets everything, rank 1 nothing
         full_path = os.path.join(out_dir, f"full_{key}_rank{rank}.pt")
-        torch.save({"model": get_model_state_dict(model, options=gather),
-                    "optim": get_optimizer_state_dict(model, opt, options=gather)}, full_path)
+        torch.save(
+            {
+                "model": get_model_state_dict(model, options=gather),
+                "optim": get_optimizer_state_dict(model, opt, options=gather),
+            },
+            full_path,
+        )
         train(model, opt, range(SAVE_AT, STEPS))
         result["final"] = _snapshot(model, opt)
 
@@ -219,8 +240,7 @@ def test_shards_are_split_and_state_is_dtensor(ranks: list[dict]) -> None:
     for out, up_rows in zip(ranks, (12, 11)):
         for key in CONFIGS:
             assert out[key]["local_rows"] == {"q_proj.weight": 8, "up_proj.weight": up_rows}
-            assert out[key]["placements"] == {"exp_avg": ["S(0)"], "exp_avg_local": (8, RANK),
-                                              "basis": ["R"]}
+            assert out[key]["placements"] == {"exp_avg": ["S(0)"], "exp_avg_local": (8, RANK), "basis": ["R"]}
 
 
 @pytest.mark.parametrize("key", list(CONFIGS))

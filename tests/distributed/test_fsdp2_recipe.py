@@ -77,8 +77,9 @@ def test_fsdp2_ranks_match_one_process(runs: Path, selector: str) -> None:
         assert _max_diff(rank0[key], rank1[key]) == 0
         assert _max_diff(rank0[key], single[key]) <= TOL, (key, _max_diff(rank0[key], single[key]))
     steps = sorted(single_losses)
-    torch.testing.assert_close(torch.tensor([losses0[s] for s in steps]),
-                               torch.tensor([single_losses[s] for s in steps]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor([losses0[s] for s in steps]), torch.tensor([single_losses[s] for s in steps]), rtol=1e-6, atol=1e-6
+    )
     assert any(((b != 0) & (b.abs() != 1)).any() for b in rank0["bases"].values())
 
 
@@ -126,7 +127,11 @@ def test_full_fsdp2_checkpoint_resumes_in_one_process(runs: Path, ported: Path) 
     losses, state = _record(ported, 0)
     assert sorted(losses) == list(range(STOP_AT + 1, STEPS + 1)) and state["global_step"] == STEPS
     assert not state["local_shapes"]  # really one process, plain tensors
-    torch.testing.assert_close(torch.tensor([losses[s] for s in sorted(losses)]),
-                               torch.tensor([single_losses[s] for s in sorted(losses)]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor([losses[s] for s in sorted(losses)]),
+        torch.tensor([single_losses[s] for s in sorted(losses)]),
+        rtol=1e-6,
+        atol=1e-6,
+    )
     for key in ("bases", "weights"):
         assert _max_diff(state[key], single[key]) <= TOL, (key, _max_diff(state[key], single[key]))

@@ -43,8 +43,9 @@ def _optimizer(model: nn.Module, selector: str) -> LowRankOptimizer:
     groups = [{"params": list(model.parameters()), "param_names": NAMES, "rank": RANK}]
     # update_gap 10: resample(step=0) and resample(step=10) are the scheduled refreshes (every parameter due), and the
     # step() after each does not refresh again, as under the SubspaceResampler
-    return LowRankOptimizer(groups, lr=0.01, selector=selector, schedule={"update_gap": 10}, moment_policy="rotate",
-                            seed=5)
+    return LowRankOptimizer(
+        groups, lr=0.01, selector=selector, schedule={"update_gap": 10}, moment_policy="rotate", seed=5
+    )
 
 
 def _set_grads(model: nn.Module, step: int) -> None:
@@ -98,8 +99,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     for selector in ("dominant", "importance"):
         unsplit_calls: list[str] = []
         split_calls: list[str] = []
-        out[selector] = {"unsplit": _run(selector, False, unsplit_calls), "split": _run(selector, True, split_calls),
-                         "unsplit_calls": unsplit_calls, "split_calls": split_calls}
+        out[selector] = {
+            "unsplit": _run(selector, False, unsplit_calls),
+            "split": _run(selector, True, split_calls),
+            "unsplit_calls": unsplit_calls,
+            "split_calls": split_calls,
+        }
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -40,7 +40,9 @@ def test_every_base_trains_a_least_squares_problem(base):
     opt = LowRankOptimizer(
         [{"params": [weight], "rank": 4}, {"params": [bias]}],
         lr=1.0 if base == "adafactor" else 0.05,  # Adafactor's lr caps its relative step min(lr, 1/sqrt(t))
-        alpha=1.0, base=base, schedule=RefreshSchedule(update_gap=10),
+        alpha=1.0,
+        base=base,
+        schedule=RefreshSchedule(update_gap=10),
     )
 
     def loss() -> torch.Tensor:

@@ -107,7 +107,9 @@ def test_state_layout_and_small_tensors_stay_fp32():
     assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg"].shape == (64, 100)
     assert state["exp_avg_absmax"].dtype == torch.float32 and state["exp_avg_absmax"].shape == (64, 2)
     assert {k: v.dtype for k, v in opt.state[small].items()} == {
-        "step": torch.float32, "exp_avg": torch.float32, "exp_avg_sq": torch.float32
+        "step": torch.float32,
+        "exp_avg": torch.float32,
+        "exp_avg_sq": torch.float32,
     }
     opt = CompactAdamW([small], state_precision="bf16")
     opt.step()
@@ -217,10 +219,16 @@ def test_bf16_and_non_contiguous_parameters():
 @pytest.mark.parametrize(
     "options,key",
     [
-        ({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"), ({"betas": (0.9,)}, "betas"), ({"eps": -1e-8}, "eps"),
-        ({"weight_decay": -0.1}, "weight_decay"), ({"state_precision": "int8"}, "state_precision"),
-        ({"min_8bit_size": -1}, "min_8bit_size"), ({"min_8bit_size": 1.5}, "min_8bit_size"),
-        ({"block_size": 0}, "block_size"), ({"chunk_size": 0}, "chunk_size"),
+        ({"lr": -1.0}, "lr"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"betas": (0.9,)}, "betas"),
+        ({"eps": -1e-8}, "eps"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"state_precision": "int8"}, "state_precision"),
+        ({"min_8bit_size": -1}, "min_8bit_size"),
+        ({"min_8bit_size": 1.5}, "min_8bit_size"),
+        ({"block_size": 0}, "block_size"),
+        ({"chunk_size": 0}, "chunk_size"),
     ],
 )
 def test_invalid_hyperparameters_name_the_key(options, key):

@@ -39,7 +39,11 @@ def _train(base, steps: int = 20, update_gap: int = 1000, **lowrank) -> tuple[Le
     options = {"alpha": 1.0, **lowrank}
     opt = LowRankOptimizer(
         [{"params": [model.weight], "rank": 32}, {"params": [model.bias]}],
-        lr=0.01, weight_decay=0.01, base=base, schedule=RefreshSchedule(update_gap=update_gap), **options,
+        lr=0.01,
+        weight_decay=0.01,
+        base=base,
+        schedule=RefreshSchedule(update_gap=update_gap),
+        **options,
     )
     for step in range(steps):
         opt.zero_grad()
@@ -113,10 +117,18 @@ def test_8bit_state_resumes_bit_exactly_across_a_resample():
             nn.init.normal_(layer.weight, std=0.1, generator=gen(20 + i))
             nn.init.zeros_(layer.bias)
         opt = LowRankOptimizer(
-            [{"params": [layers[0].weight, layers[1].weight], "rank": 8, "param_names": ["a", "b"]},
-             {"params": [layers[0].bias, layers[1].bias], "param_names": ["c", "d"]}],
-            lr=0.01, base="adamw8bit", base_options={"min_8bit_size": 0, "block_size": 32}, selector="importance",
-            schedule=RefreshSchedule(update_gap=3), moment_policy="rotate", fira=True, seed=5,
+            [
+                {"params": [layers[0].weight, layers[1].weight], "rank": 8, "param_names": ["a", "b"]},
+                {"params": [layers[0].bias, layers[1].bias], "param_names": ["c", "d"]},
+            ],
+            lr=0.01,
+            base="adamw8bit",
+            base_options={"min_8bit_size": 0, "block_size": 32},
+            selector="importance",
+            schedule=RefreshSchedule(update_gap=3),
+            moment_policy="rotate",
+            fira=True,
+            seed=5,
         )
         return layers, opt
 
@@ -168,9 +180,12 @@ def test_state_bytes_function_matches_real_tensors():
     params = {name: nn.Parameter(torch.randn(*shape, generator=gen(30))) for name, shape in shapes.items()}
     for rank, base in ((48, "adamw8bit"), (8, "adamw8bit"), (48, "adamw_bf16"), (48, "adamw")):
         opt = LowRankOptimizer(
-            [{"params": [params[n] for n in targets], "rank": rank, "param_names": list(targets)},
-             {"params": [params["embed"], params["norm"]], "param_names": ["embed", "norm"]}],
-            base=base, selector="random",
+            [
+                {"params": [params[n] for n in targets], "rank": rank, "param_names": list(targets)},
+                {"params": [params["embed"], params["norm"]], "param_names": ["embed", "norm"]},
+            ],
+            base=base,
+            selector="random",
         )
         for p in params.values():
             p.grad = torch.randn_like(p)
@@ -187,9 +202,15 @@ def c4_60m_shapes() -> dict[str, tuple[int, ...]]:
     for i in range(8):
         for kind in ("q", "k", "v", "o"):
             shapes[f"layers.{i}.{kind}_proj"] = (512, 512)
-        shapes.update({f"layers.{i}.gate_proj": (1376, 512), f"layers.{i}.up_proj": (1376, 512),
-                       f"layers.{i}.down_proj": (512, 1376), f"layers.{i}.input_norm": (512,),
-                       f"layers.{i}.post_norm": (512,)})
+        shapes.update(
+            {
+                f"layers.{i}.gate_proj": (1376, 512),
+                f"layers.{i}.up_proj": (1376, 512),
+                f"layers.{i}.down_proj": (512, 1376),
+                f"layers.{i}.input_norm": (512,),
+                f"layers.{i}.post_norm": (512,),
+            }
+        )
     return shapes
 
 

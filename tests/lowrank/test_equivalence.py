@@ -30,7 +30,11 @@ def test_identity_basis_full_rank_matches_torch_adamw(fixed_selector, shape, wei
     w_ref, b_ref = weight.clone(), bias.clone()
     opt = LowRankOptimizer(
         [{"params": [weight], "rank": min(shape)}, {"params": [bias]}],
-        lr=LR, weight_decay=weight_decay, alpha=1.0, selector="test_fixed", schedule=RefreshSchedule(update_gap=2),
+        lr=LR,
+        weight_decay=weight_decay,
+        alpha=1.0,
+        selector="test_fixed",
+        schedule=RefreshSchedule(update_gap=2),
         base_options={"betas": BETAS, "eps": EPS},
     )
     ref = torch.optim.AdamW([w_ref, b_ref], lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay)
@@ -53,7 +57,10 @@ def test_dense_fixed_basis_equals_back_projected_adamw_stand_in(fixed_selector, 
     expected = weight.clone()
     opt = LowRankOptimizer(
         [{"params": [weight], "rank": rank, "side": side}],
-        lr=LR, weight_decay=weight_decay, alpha=alpha, selector="test_fixed",
+        lr=LR,
+        weight_decay=weight_decay,
+        alpha=alpha,
+        selector="test_fixed",
         base_options={"betas": BETAS, "eps": EPS},
     )
     stand_in_shape = (shape[0], rank) if side == "right" else (rank, shape[1])

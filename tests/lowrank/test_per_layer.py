@@ -41,7 +41,10 @@ def loss_of(model: nn.Module, step: int) -> torch.Tensor:
 
 
 def make(
-    model: nn.Module, selector: str = "importance", base: str = "adamw", schedule: RefreshSchedule | None = None,
+    model: nn.Module,
+    selector: str = "importance",
+    base: str = "adamw",
+    schedule: RefreshSchedule | None = None,
     **extra,
 ) -> LowRankOptimizer:
     lowrank = [model.fc1.weight, model.fc2.weight]

@@ -36,8 +36,15 @@ def projection_trace_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------------- side rule
 @pytest.mark.parametrize(
     "shape,expected",
-    [((8, 4), "right"), ((4, 8), "left"), ((5, 5), "right"), ((1, 7), "left"), ((7, 1), "right"),
-     (torch.Size([64, 32]), "right"), (torch.Size([32, 64]), "left")],
+    [
+        ((8, 4), "right"),
+        ((4, 8), "left"),
+        ((5, 5), "right"),
+        ((1, 7), "left"),
+        ((7, 1), "right"),
+        (torch.Size([64, 32]), "right"),
+        (torch.Size([32, 64]), "left"),
+    ],
 )
 def test_auto_side_projects_the_smaller_dimension(shape, expected):
     m, n = shape

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from lowrank.quantization import (
-    block_layout, code_map, dequantize_blockwise, quantize_blockwise, quantized_bytes, smallest_code,
+    block_layout,
+    code_map,
+    dequantize_blockwise,
+    quantize_blockwise,
+    quantized_bytes,
+    smallest_code,
 )
 
 from .helpers import gen
@@ -45,7 +50,9 @@ def _reference(x: torch.Tensor, signed: bool, block: int) -> dict[str, torch.Ten
     upper = torch.searchsorted(mags, y).clamp(max=len(mags) - 1)
     below, above = mids[(upper - 1).clamp(min=0)], mids[upper.clamp(max=len(mids) - 1)]
     out = {
-        "absmax": absmax, "y": y, "nearest": mags[torch.searchsorted(mids, y)] * rows.sign(),
+        "absmax": absmax,
+        "y": y,
+        "nearest": mags[torch.searchsorted(mids, y)] * rows.sign(),
         "to_midpoint": torch.minimum((y - below).abs(), (y - above).abs()),
         "bound": (mags[upper] - mags[(upper - 1).clamp(min=0)]) / 2 * absmax,
     }
@@ -94,8 +101,10 @@ def test_round_trip_error_is_within_half_the_local_gap(signed):
     assert torch.all(error[above] <= magnitude[above] / 16 * (1 + 1e-5))
     assert torch.all(error[~above] <= s / 2 * scale[~above] * (1 + 1e-5))
     torch.testing.assert_close(back.abs().reshape(32, 3, 256).amax(-1), scale[:, ::256], rtol=0, atol=0)  # max exact
-    print(f"signed={signed}: max error / absmax {(error / scale.clamp(min=1e-300)).max():.4f}, max relative error "
-          f"above the smallest code {(error[above] / magnitude[above]).max():.4f}")
+    print(
+        f"signed={signed}: max error / absmax {(error / scale.clamp(min=1e-300)).max():.4f}, max relative error "
+        f"above the smallest code {(error[above] / magnitude[above]).max():.4f}"
+    )
 
 
 def test_signs_zeros_and_tiny_second_moments():

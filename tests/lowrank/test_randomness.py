@@ -13,8 +13,12 @@ import torch
 
 from lowrank.randomness import draw_generator, draw_seed, normalize_param_name
 
-TRIPLES = [(0, 0, "layers.0.self_attn.q_proj.weight"), (17, 200, "layers.3.mlp.down_proj.weight"),
-           (2**40 + 3, 123456, "h.11.attn.c_attn.weight"), (5, 7, "ünïcode.wéight")]
+TRIPLES = [
+    (0, 0, "layers.0.self_attn.q_proj.weight"),
+    (17, 200, "layers.3.mlp.down_proj.weight"),
+    (2**40 + 3, 123456, "h.11.attn.c_attn.weight"),
+    (5, 7, "ünïcode.wéight"),
+]
 
 
 def test_seed_is_the_same_in_another_process():
@@ -28,7 +32,10 @@ def test_seed_is_the_same_in_another_process():
     result = subprocess.run(
         [sys.executable, "-c", code, json.dumps(TRIPLES)],
         env={**os.environ, "PYTHONHASHSEED": hash_seed},
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     assert json.loads(result.stdout) == [draw_seed(s, t, n) for s, t, n in TRIPLES]
 

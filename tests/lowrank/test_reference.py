@@ -75,8 +75,16 @@ def test_optimizer_matches_float64_reference(selector, side, policy, fira):
     initial = weight.clone()
     opt = LowRankOptimizer(
         [{"params": [weight], "rank": rank}],
-        lr=LR, weight_decay=WD, alpha=ALPHA, selector=selector, side=side, schedule=RefreshSchedule(update_gap=3),
-        moment_policy=policy, fira=fira, fira_gamma=GAMMA, base_options={"betas": BETAS, "eps": EPS},
+        lr=LR,
+        weight_decay=WD,
+        alpha=ALPHA,
+        selector=selector,
+        side=side,
+        schedule=RefreshSchedule(update_gap=3),
+        moment_policy=policy,
+        fira=fira,
+        fira_gamma=GAMMA,
+        base_options={"betas": BETAS, "eps": EPS},
     )
     bases = []
     for g in grads:

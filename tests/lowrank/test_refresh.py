@@ -78,7 +78,9 @@ def test_resample_params_is_a_manual_refresh_outside_the_schedule():
     assert len(records) == 1
     record = records[0]
     assert record.name == "group0.param0" and record.step == 5 and record.selector == "dominant"
-    assert torch.equal(record.old_basis, bases[-1]) and torch.equal(record.new_basis, opt.state[weight]["lowrank_basis"])
+    assert torch.equal(record.old_basis, bases[-1]) and torch.equal(
+        record.new_basis, opt.state[weight]["lowrank_basis"]
+    )
     new = record.new_basis.double()
     torch.testing.assert_close(new @ new.T, _dominant_projector(_grad((10, 8), 99), 3), rtol=0, atol=1e-5)
     expected = float((bases[-1].double().T @ new).square().sum()) / 3
@@ -197,9 +199,16 @@ def test_draws_follow_the_randomness_rule():
         assert torch.equal(a, basis(1, "_orig_mod.layers.0.up_proj.weight", selector=selector))
         assert torch.equal(a, basis(1, "layers.0._checkpoint_wrapped_module.up_proj.weight", selector=selector))
     assert torch.equal(torch.get_rng_state(), rng_before)  # the global RNG was never used
-    others = [basis(2, "layers.0.up_proj.weight"), basis(1, "layers.1.up_proj.weight"), basis(1, "layers.0.up_proj.weight", step=200)]
+    others = [
+        basis(2, "layers.0.up_proj.weight"),
+        basis(1, "layers.1.up_proj.weight"),
+        basis(1, "layers.0.up_proj.weight", step=200),
+    ]
     assert any(subspace_overlap(ref, o) < 0.999 for o in others)
-    assert all(not torch.equal(ref, o) for o in [basis(1, "layers.0.up_proj.weight", selector="random", step=s) for s in (1, 2)])
+    assert all(
+        not torch.equal(ref, o)
+        for o in [basis(1, "layers.0.up_proj.weight", selector="random", step=s) for s in (1, 2)]
+    )
 
 
 def test_refresh_does_not_touch_plain_parameters_or_warn_on_healthy_gradients():

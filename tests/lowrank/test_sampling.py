@@ -214,8 +214,12 @@ def test_invalid_rank_raises(rank):
 
 @pytest.mark.parametrize(
     "sigma",
-    [torch.ones(2, 3), torch.tensor([1.0, -0.5, 2.0]), torch.tensor([1.0, float("nan"), 2.0]),
-     torch.tensor([1.0, float("inf"), 2.0])],
+    [
+        torch.ones(2, 3),
+        torch.tensor([1.0, -0.5, 2.0]),
+        torch.tensor([1.0, float("nan"), 2.0]),
+        torch.tensor([1.0, float("inf"), 2.0]),
+    ],
 )
 def test_invalid_sigma_raises(sigma):
     with pytest.raises(ValueError):

@@ -85,9 +85,12 @@ class Stack(nn.Module):
 
 def _optimizer(model: Stack, schedule, selector: str = "dominant") -> LowRankOptimizer:
     return LowRankOptimizer(
-        [{"params": [layer.weight for layer in model.layers], "param_names": NAMES, "rank": 2, "selector": selector},
-         {"params": [layer.bias for layer in model.layers]}],
-        lr=0.01, schedule=schedule,
+        [
+            {"params": [layer.weight for layer in model.layers], "param_names": NAMES, "rank": 2, "selector": selector},
+            {"params": [layer.bias for layer in model.layers]},
+        ],
+        lr=0.01,
+        schedule=schedule,
     )
 
 

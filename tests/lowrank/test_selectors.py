@@ -147,8 +147,14 @@ def test_register_selector_adds_a_rule_with_options(shifted_axes):
 def test_selector_options_reach_a_registered_rule_through_the_optimizer(shifted_axes):
     weight = nn.Parameter(torch.zeros(9, 6))  # m >= n: right side, oriented gradient (6, 9), basis (6, 2)
     opt = LowRankOptimizer(
-        [{"params": [weight], "rank": 2, "selector": "test_shifted_axes",
-          "selector_options": {"test_shifted_axes": {"shift": 3}}}],
+        [
+            {
+                "params": [weight],
+                "rank": 2,
+                "selector": "test_shifted_axes",
+                "selector_options": {"test_shifted_axes": {"shift": 3}},
+            }
+        ],
         lr=0.01,
     )
     weight.grad = torch.randn(9, 6, generator=gen(1))
@@ -161,9 +167,16 @@ def test_selector_options_of_the_switch_rule_are_its_own(shifted_axes):
     # importance until step 2, then the registered rule with its own options (keyed by its name).
     weight = nn.Parameter(torch.zeros(9, 6))
     opt = LowRankOptimizer(
-        [{"params": [weight], "rank": 2, "selector": "importance",
-          "selector_options": {"test_shifted_axes": {"shift": 1}}}],
-        lr=0.01, schedule=RefreshSchedule(update_gap=2, switch_at=0.5, switch_to="test_shifted_axes", max_steps=4),
+        [
+            {
+                "params": [weight],
+                "rank": 2,
+                "selector": "importance",
+                "selector_options": {"test_shifted_axes": {"shift": 1}},
+            }
+        ],
+        lr=0.01,
+        schedule=RefreshSchedule(update_gap=2, switch_at=0.5, switch_to="test_shifted_axes", max_steps=4),
     )
     for step in range(3):
         weight.grad = torch.randn(9, 6, generator=gen(step))
@@ -229,7 +242,8 @@ def test_orthonormal_columns_of_the_right_shape_and_dtype(name, shape, dtype):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize(
-    "kind", ["zero", "nan", "inf", "-inf"],
+    "kind",
+    ["zero", "nan", "inf", "-inf"],
 )
 def test_non_refreshable_gradients_give_none(name, kind):
     grad = torch.randn(10, 6, generator=gen(0))

@@ -38,8 +38,12 @@ CONFIG = {
     "name": "lowrank",
     "lr": 0.01,
     "lowrank": {
-        "rank": 4, "selector": "importance", "fira": True, "moment_policy": "rotate",
-        "targets": ["q_proj", "up_proj", "down_proj"], "seed": 17,
+        "rank": 4,
+        "selector": "importance",
+        "fira": True,
+        "moment_policy": "rotate",
+        "targets": ["q_proj", "up_proj", "down_proj"],
+        "seed": 17,
     },
     "refresh": {"update_gap": 3},
 }

@@ -24,8 +24,11 @@ class Block(nn.Module):
 
 
 def _config(name: str, precision: str, **lowrank) -> dict:
-    return {"name": name, "state_precision": precision,
-            "lowrank": {"rank": 16, "targets": ["q_proj", "up_proj"], **lowrank}}
+    return {
+        "name": name,
+        "state_precision": precision,
+        "lowrank": {"rank": 16, "targets": ["q_proj", "up_proj"], **lowrank},
+    }
 
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer, seed: int = 0) -> None:
@@ -45,7 +48,9 @@ def test_table_bytes_equal_the_real_state(name, precision):
     _step(model, opt)
     actual = sum(
         v.numel() * v.element_size()
-        for entry in opt.state_dict()["state"].values() for v in entry.values() if torch.is_tensor(v) and v.dim() > 0
+        for entry in opt.state_dict()["state"].values()
+        for v in entry.values()
+        if torch.is_tensor(v) and v.dim() > 0
     )
     assert table.state_bytes() == actual
     if name == "adamw":

@@ -31,13 +31,19 @@ def _low(**lowrank) -> dict:
         ({**_low(), "refresh": {"update_gap": 0}}, ["optimizer.refresh.update_gap", "0", ">= 1"]),
         ({**_low(), "refresh": {"stagger": 0}}, ["optimizer.refresh.stagger", ">= 1"]),
         ({**_low(), "refresh": {"switch_at": 1.5, "switch_to": "random"}}, ["optimizer.refresh.switch_at", "[0, 1]"]),
-        ({**_low(), "refresh": {"switch_at": 0.5, "switch_to": "top"}},
-         ["optimizer.refresh.switch_to", "'top'", "dominant | importance | random"]),
+        (
+            {**_low(), "refresh": {"switch_at": 0.5, "switch_to": "top"}},
+            ["optimizer.refresh.switch_to", "'top'", "dominant | importance | random"],
+        ),
         ({**_low(), "refresh": {"stager": 2}}, ["optimizer.refresh.stager", "did you mean optimizer.refresh.stagger"]),
-        (_low(selector_options={"dominant": {"oversampling": 3}}),
-         ["optimizer.lowrank.selector_options.dominant.oversampling", "accepted: none"]),
-        (_low(selector_options={"randomized_importance": {"power_iters": -1}}),
-         ["optimizer.lowrank.selector_options.randomized_importance.power_iters", "-1", ">= 0"]),
+        (
+            _low(selector_options={"dominant": {"oversampling": 3}}),
+            ["optimizer.lowrank.selector_options.dominant.oversampling", "accepted: none"],
+        ),
+        (
+            _low(selector_options={"randomized_importance": {"power_iters": -1}}),
+            ["optimizer.lowrank.selector_options.randomized_importance.power_iters", "-1", ">= 0"],
+        ),
         (_low(moment_policy="spin"), ["optimizer.lowrank.moment_policy", "keep | rotate | reset"]),
         (_low(side="up"), ["optimizer.lowrank.side", "auto | left | right"]),
         (_low(base="sgd"), ["optimizer.lowrank.base", "adamw"]),
@@ -66,8 +72,13 @@ def test_validation_collects_every_problem():
             {"lr": 0, "lowrank": {"rank": 0, "selector": "x"}, "refresh": {"update_gap": 0, "stagger": 0}}
         )
     message = str(info.value)
-    for key in ("optimizer.lr", "optimizer.lowrank.rank", "optimizer.lowrank.selector", "optimizer.refresh.update_gap",
-                "optimizer.refresh.stagger"):
+    for key in (
+        "optimizer.lr",
+        "optimizer.lowrank.rank",
+        "optimizer.lowrank.selector",
+        "optimizer.refresh.update_gap",
+        "optimizer.refresh.stagger",
+    ):
         assert key in message
 
 
@@ -86,8 +97,10 @@ def test_validation_collects_every_problem():
         ({"moment_policy": "x"}, ["moment_policy", "keep | rotate | reset"]),
         ({"side": "x"}, ["side", "auto | left | right"]),
         ({"selector_options": {"dominant": {"oversampling": 3}}}, ["selector_options.dominant.oversampling", "none"]),
-        ({"selector_options": {"randomized_dominant": {"oversampling": -1}}},
-         ["selector_options.randomized_dominant.oversampling", "-1", ">= 0"]),
+        (
+            {"selector_options": {"randomized_dominant": {"oversampling": -1}}},
+            ["selector_options.randomized_dominant.oversampling", "-1", ">= 0"],
+        ),
         ({"fira_gamma": 1.0}, ["fira_gamma", "> 1"]),
         ({"base_options": {"betas": (0.9, 1.0)}}, ["beta"]),
         ({"colour": 1}, ["colour", "rank"]),
@@ -122,8 +135,15 @@ def _params() -> list[dict]:
     return [{"params": [nn.Parameter(torch.zeros(6, 8))], "rank": 2}]
 
 
-@pytest.mark.parametrize("key,says", [("update_gap", "moved to"), ("oversampling", "moved to"),
-                                      ("power_iters", "moved to"), ("auto_refresh", "removed")])
+@pytest.mark.parametrize(
+    "key,says",
+    [
+        ("update_gap", "moved to"),
+        ("oversampling", "moved to"),
+        ("power_iters", "moved to"),
+        ("auto_refresh", "removed"),
+    ],
+)
 def test_old_optimizer_options_say_where_they_moved(key, says):
     with pytest.raises(ValueError) as info:
         LowRankOptimizer(_params(), **{key: 3})
@@ -162,8 +182,10 @@ def test_config_moved_and_refresh_keys(data, needles):
 
 def test_config_refresh_section_becomes_the_optimizer_schedule():
     config = optimizer_config_from_dict(
-        {"lowrank": {"rank": 2, "targets": ["q_proj", "up_proj"]},
-         "refresh": {"update_gap": 3, "stagger": 2, "switch_at": 0.5, "switch_to": "random", "max_steps": 10}}
+        {
+            "lowrank": {"rank": 2, "targets": ["q_proj", "up_proj"]},
+            "refresh": {"update_gap": 3, "stagger": 2, "switch_at": 0.5, "switch_to": "random", "max_steps": 10},
+        }
     )
     expected = RefreshSchedule(update_gap=3, stagger=2, switch_at=0.5, switch_to="random", max_steps=10)
     assert config.refresh == expected
@@ -203,7 +225,11 @@ def test_build_optimizer_returns_an_optimizer_with_its_group_table(name):
     groups = {row.name: row.group for row in table.rows}
     assert set(groups) == {n for n, _ in net.named_parameters()}
     if name == "lowrank":
-        assert groups == {"q_proj.weight": "lowrank", "up_proj.weight": "lowrank", "norm.weight": "plain",
-                          "norm.bias": "plain"}
+        assert groups == {
+            "q_proj.weight": "lowrank",
+            "up_proj.weight": "lowrank",
+            "norm.weight": "plain",
+            "norm.bias": "plain",
+        }
     else:
         assert set(groups.values()) == {"plain"}

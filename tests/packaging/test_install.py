@@ -53,8 +53,14 @@ def test_a_user_project_with_its_own_callbacks_and_recipes_uses_ours(tmp_path: P
     assert module == "lowrank_recipes.callbacks.resampler"
     assert "default" in configs and "c4_60m" in configs  # package data, found without the repository's path
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "train.py", "--out", str(tmp_path / "logs"), "--max-steps", "20"],
-                         cwd=project, capture_output=True, text=True, timeout=300, env=env)
+    run = subprocess.run(
+        [sys.executable, "train.py", "--out", str(tmp_path / "logs"), "--max-steps", "20"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "final metrics" in run.stdout and list((tmp_path / "logs").rglob("events.out.tfevents.*"))
 
@@ -71,7 +77,12 @@ def test_console_script_runs_the_recipe_entry(tmp_path: Path) -> None:
     script = _console_script()
     done = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "key=value overrides" in done.stdout, done.stderr
-    bad = subprocess.run([str(script), "trainer.max_stepz=3", f"out_dir={tmp_path / 'out'}"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [str(script), "trainer.max_stepz=3", f"out_dir={tmp_path / 'out'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown key trainer.max_stepz")
     assert not (tmp_path / "out").exists()

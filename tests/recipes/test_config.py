@@ -74,16 +74,25 @@ def test_bare_name_with_suffix_and_overrides():
         (["optimizer.lowrank.rank=999"], ["optimizer.lowrank.rank", "q_proj.weight", "1 .. 128"]),
         (["trainer.strategy=fsdp"], ["trainer.strategy", "FSDP1", "ddp"]),
         (["trainer.strategy=deepspeed_stage_2"], ["trainer.strategy", "DeepSpeed", "ddp"]),
-        (["trainer.strategy=fsdp2", "optimizer.lowrank.side=left"], ["optimizer.lowrank.side", "fsdp2", "right | auto"]),
+        (
+            ["trainer.strategy=fsdp2", "optimizer.lowrank.side=left"],
+            ["optimizer.lowrank.side", "fsdp2", "right | auto"],
+        ),
         (["trainer.strategy=fsdp2", "trainer.per_layer_updates=true"], ["trainer.per_layer_updates", "fsdp2"]),
         (["trainer.precision=fp8"], ["trainer.precision", "bf16-mixed"]),
-        (["trainer.strategy=fsdp2", "optimizer.refresh.split_across_ranks=true"],
-         ["optimizer.refresh.split_across_ranks", "fsdp2", "false"]),
-        (["trainer.per_layer_updates=true", "optimizer.refresh.split_across_ranks=true"],
-         ["optimizer.refresh.split_across_ranks", "per_layer_updates", "false"]),
+        (
+            ["trainer.strategy=fsdp2", "optimizer.refresh.split_across_ranks=true"],
+            ["optimizer.refresh.split_across_ranks", "fsdp2", "false"],
+        ),
+        (
+            ["trainer.per_layer_updates=true", "optimizer.refresh.split_across_ranks=true"],
+            ["optimizer.refresh.split_across_ranks", "per_layer_updates", "false"],
+        ),
         (["trainer.checkpoint_format=single"], ["trainer.checkpoint_format", "auto | sharded | full"]),
-        (["trainer.checkpoint_format=sharded", "trainer.strategy=ddp"],
-         ["trainer.checkpoint_format", "fsdp2", "'ddp'", "auto | full"]),
+        (
+            ["trainer.checkpoint_format=sharded", "trainer.strategy=ddp"],
+            ["trainer.checkpoint_format", "fsdp2", "'ddp'", "auto | full"],
+        ),
         (["data.source=files", "data.train_files=[/nonexistent.jsonl]"], ["data.train_files", "/nonexistent.jsonl"]),
         (["optimizer.lowrank.selector=top"], ["optimizer.lowrank.selector", "importance"]),
         (["trainer.global_batch_size=20"], ["trainer.global_batch_size", "multiple"]),
@@ -151,7 +160,9 @@ def test_cli_errors_are_one_paragraph_without_traceback_and_write_nothing(tmp_pa
     out = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, str(REPO / "recipes" / "pretrain.py"), "trainer.max_stepz=3", f"out_dir={out}"],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.startswith("error: unknown key trainer.max_stepz")
@@ -162,8 +173,13 @@ def test_cli_errors_are_one_paragraph_without_traceback_and_write_nothing(tmp_pa
 def test_refresh_section_reaches_the_optimizers_schedule():
     from lowrank_recipes.recipes.module import LlamaPretrainModule, module_kwargs
 
-    overrides = ["trainer.strategy=ddp", "optimizer.refresh.split_across_ranks=true", "optimizer.refresh.stagger=3",
-                 "optimizer.refresh.update_gap=7", "trainer.max_steps=50"]
+    overrides = [
+        "trainer.strategy=ddp",
+        "optimizer.refresh.split_across_ranks=true",
+        "optimizer.refresh.stagger=3",
+        "optimizer.refresh.update_gap=7",
+        "trainer.max_steps=50",
+    ]
     run, resolved = load_run_config("default", overrides)
     optimizer = LlamaPretrainModule(**module_kwargs(run)).configure_optimizers()["optimizer"]
     schedule = optimizer.schedule
@@ -171,14 +187,17 @@ def test_refresh_section_reaches_the_optimizers_schedule():
     assert schedule.max_steps == 50 == resolved["optimizer"]["refresh"]["max_steps"]  # null means trainer.max_steps
 
 
-@pytest.mark.parametrize("override,new_key", [
-    ("optimizer.lowrank.update_gap=5", "optimizer.refresh.update_gap"),
-    ("subspace.stagger=2", "optimizer.refresh.stagger"),
-    ("subspace.switch_at=0.5", "optimizer.refresh.switch_at"),
-    ("subspace.split_across_ranks=true", "optimizer.refresh.split_across_ranks"),
-    ("subspace.image_interval=3", "monitor.image_interval"),
-    ("subspace.frozen_patience=3", "monitor.frozen_patience"),
-])
+@pytest.mark.parametrize(
+    "override,new_key",
+    [
+        ("optimizer.lowrank.update_gap=5", "optimizer.refresh.update_gap"),
+        ("subspace.stagger=2", "optimizer.refresh.stagger"),
+        ("subspace.switch_at=0.5", "optimizer.refresh.switch_at"),
+        ("subspace.split_across_ranks=true", "optimizer.refresh.split_across_ranks"),
+        ("subspace.image_interval=3", "monitor.image_interval"),
+        ("subspace.frozen_patience=3", "monitor.frozen_patience"),
+    ],
+)
 def test_old_schedule_and_monitor_keys_name_their_new_place(override, new_key):
     with pytest.raises(ConfigError) as info:
         load_run_config("default", [override])
@@ -187,21 +206,36 @@ def test_old_schedule_and_monitor_keys_name_their_new_place(override, new_key):
 
 
 def test_schedule_and_monitor_problems_are_collected_with_their_keys():
-    overrides = ["optimizer.refresh.stagger=0", "optimizer.refresh.switch_to=best", "monitor.frozen_threshold=2",
-                 "monitor.image_interval=0"]
+    overrides = [
+        "optimizer.refresh.stagger=0",
+        "optimizer.refresh.switch_to=best",
+        "monitor.frozen_threshold=2",
+        "monitor.image_interval=0",
+    ]
     with pytest.raises(ConfigError) as info:
         load_run_config("default", overrides)
     message = str(info.value)
-    for needle in ("optimizer.refresh.stagger: invalid value 0", "optimizer.refresh.switch_to: invalid value 'best'",
-                   "optimizer.refresh.switch_at and optimizer.refresh.switch_to go together",
-                   "monitor.frozen_threshold: invalid value 2", "monitor.image_interval: invalid value 0"):
+    for needle in (
+        "optimizer.refresh.stagger: invalid value 0",
+        "optimizer.refresh.switch_to: invalid value 'best'",
+        "optimizer.refresh.switch_at and optimizer.refresh.switch_to go together",
+        "monitor.frozen_threshold: invalid value 2",
+        "monitor.image_interval: invalid value 0",
+    ):
         assert needle in message, (needle, message)
 
 
 def test_config_module_imports_no_training_library():
-    code = ("import sys; import recipes.config; "
-            "print(sorted(m for m in ('lightning', 'lightning.pytorch', 'datasets', 'torchdata') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            cwd=Path(__file__).resolve().parents[2])
+    code = (
+        "import sys; import recipes.config; "
+        "print(sorted(m for m in ('lightning', 'lightning.pytorch', 'datasets', 'torchdata') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

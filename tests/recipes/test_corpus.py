@@ -12,7 +12,7 @@ from lowrank_recipes.recipes.data.corpus import corpus_hash, load_corpus, read_p
 def test_topics_are_read_from_the_file() -> None:
     topics = read_pydoc_topics()
     assert len(topics) > 50
-    assert any(t.startswith("The \"if\" statement") for t in topics)
+    assert any(t.startswith('The "if" statement') for t in topics)
 
 
 def test_file_list_skips_tests_and_site_packages() -> None:
@@ -53,9 +53,7 @@ def test_docstrings_in_source_order(tmp_path: Path) -> None:
 
 def test_hash_is_stable_and_counts_boundaries() -> None:
     # Fixed value: the hash keys the tokenizer cache, so it must not change between releases.
-    expected = hashlib.sha256(
-        (2).to_bytes(8, "little") + b"ab" + (1).to_bytes(8, "little") + b"c"
-    ).hexdigest()
+    expected = hashlib.sha256((2).to_bytes(8, "little") + b"ab" + (1).to_bytes(8, "little") + b"c").hexdigest()
     assert corpus_hash(["ab", "c"]) == expected
     assert corpus_hash(["ab", "c"]) != corpus_hash(["a", "bc"])
     assert corpus_hash([]) == hashlib.sha256().hexdigest()

@@ -19,8 +19,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 
 def embedded_config(**overrides: object) -> DataConfig:
     # 12 documents (pydoc topics, ~70k characters) give about 700 sequences of 32 tokens: plenty.
-    base = dict(source="embedded", max_documents=12, holdout_every=4, vocab_size=SMALL_VOCAB, seq_len=32,
-                micro_batch_size=4, seed=3)
+    base = dict(
+        source="embedded",
+        max_documents=12,
+        holdout_every=4,
+        vocab_size=SMALL_VOCAB,
+        seq_len=32,
+        micro_batch_size=4,
+        seed=3,
+    )
     base.update(overrides)
     return DataConfig(**base)  # type: ignore[arg-type]
 
@@ -74,8 +81,16 @@ def test_files_source_reads_jsonl(tmp_path: Path, small_docs: list[str], tiny_to
             f.write(json.dumps({"text": doc, "url": "u"}) + "\n")
     tok_path = tmp_path / "tokenizer.json"
     tiny_tokenizer.tokenizer.save(str(tok_path))
-    dm = ready(DataConfig(source="files", train_files=[str(path)], tokenizer=str(tok_path), seq_len=16,
-                          micro_batch_size=2, holdout_every=10))
+    dm = ready(
+        DataConfig(
+            source="files",
+            train_files=[str(path)],
+            tokenizer=str(tok_path),
+            seq_len=16,
+            micro_batch_size=2,
+            holdout_every=10,
+        )
+    )
     assert dm.tokenizer is not None and dm.tokenizer.eos_id == tiny_tokenizer.eos_id
     total = len(dm.train_set) + len(dm.val_set)  # type: ignore[arg-type]
     assert total > 0 and len(dm.val_set) < len(dm.train_set)  # type: ignore[arg-type]
@@ -85,8 +100,15 @@ def test_files_source_reads_jsonl(tmp_path: Path, small_docs: list[str], tiny_to
 def test_c4_source_with_local_shards(c4_shards: dict[str, list[str]], tiny_tokenizer, tmp_path: Path) -> None:
     tok_path = tmp_path / "tokenizer.json"
     tiny_tokenizer.tokenizer.save(str(tok_path))
-    config = DataConfig(source="c4", train_files=c4_shards["train"], val_files=c4_shards["validation"],
-                        tokenizer=str(tok_path), seq_len=24, micro_batch_size=3, val_sequences=7)
+    config = DataConfig(
+        source="c4",
+        train_files=c4_shards["train"],
+        val_files=c4_shards["validation"],
+        tokenizer=str(tok_path),
+        seq_len=24,
+        micro_batch_size=3,
+        val_sequences=7,
+    )
     dm = ready(config, rank=1, world_size=2)
     assert isinstance(dm.train_set, PackedStream)
     batch = next(iter(dm.train_dataloader()))
@@ -126,7 +148,9 @@ def test_distributed_sampler_must_be_off(tmp_path: Path) -> None:
 
     dm = PretrainDataModule(embedded_config(cache_dir=str(tmp_path)))
     dm.trainer = SimpleNamespace(  # type: ignore[assignment]  # the attributes setup reads
-        world_size=2, global_rank=1, accumulate_grad_batches=1,
+        world_size=2,
+        global_rank=1,
+        accumulate_grad_batches=1,
         _accelerator_connector=SimpleNamespace(use_distributed_sampler=True),
     )
     with pytest.raises(ValueError, match="use_distributed_sampler=False"):

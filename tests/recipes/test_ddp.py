@@ -41,8 +41,16 @@ class RankRecorder(Recorder):
         path.write_text(json.dumps(self.seen))
 
 
-def run(config: DataConfig, out: Path, tag: str, devices: int, accumulate: int, max_steps: int,
-        every: int | None = None, ckpt_path: str | None = None) -> None:
+def run(
+    config: DataConfig,
+    out: Path,
+    tag: str,
+    devices: int,
+    accumulate: int,
+    max_steps: int,
+    every: int | None = None,
+    ckpt_path: str | None = None,
+) -> None:
     dm = PretrainDataModule(config)
     dm.prepare_data()
     dm.setup("fit")  # before fit, as a script sizing the model would; each rank must still get its own data
@@ -50,10 +58,20 @@ def run(config: DataConfig, out: Path, tag: str, devices: int, accumulate: int, 
     module = RankRecorder(dm.tokenizer.vocab_size, out, tag)
     callbacks = [ModelCheckpoint(dirpath=out / tag, every_n_train_steps=every, save_top_k=-1)] if every else []
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",  # spawn: a fork after torch threads can deadlock
-        max_steps=max_steps, accumulate_grad_batches=accumulate, use_distributed_sampler=False,
-        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=bool(every),
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=out,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",  # spawn: a fork after torch threads can deadlock
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
+        use_distributed_sampler=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=bool(every),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=out,
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
 
@@ -63,8 +81,15 @@ def seen(out: Path, tag: str, rank: int) -> list:
 
 
 def test_ddp_global_batches_equal_single_process(tmp_path: Path) -> None:
-    config = DataConfig(max_documents=2, holdout_every=2, vocab_size=300, seq_len=SEQ_LEN, micro_batch_size=4,
-                        seed=5, cache_dir=str(tmp_path / "tok"))
+    config = DataConfig(
+        max_documents=2,
+        holdout_every=2,
+        vocab_size=300,
+        seq_len=SEQ_LEN,
+        micro_batch_size=4,
+        seed=5,
+        cache_dir=str(tmp_path / "tok"),
+    )
     steps = 6
     run(config, tmp_path, "single", devices=1, accumulate=2, max_steps=steps)
     run(config, tmp_path, "ddp", devices=2, accumulate=1, max_steps=steps)
@@ -77,9 +102,15 @@ def test_ddp_global_batches_equal_single_process(tmp_path: Path) -> None:
 
 def test_ddp_stream_resume(tmp_path: Path, c4_shards: dict[str, list[str]], tiny_tokenizer) -> None:
     tiny_tokenizer.tokenizer.save(str(tmp_path / "tokenizer.json"))
-    config = DataConfig(source="c4", train_files=c4_shards["train"], val_files=c4_shards["validation"],
-                        tokenizer=str(tmp_path / "tokenizer.json"), seq_len=SEQ_LEN, micro_batch_size=2,
-                        val_sequences=2)
+    config = DataConfig(
+        source="c4",
+        train_files=c4_shards["train"],
+        val_files=c4_shards["validation"],
+        tokenizer=str(tmp_path / "tokenizer.json"),
+        seq_len=SEQ_LEN,
+        micro_batch_size=2,
+        val_sequences=2,
+    )
     run(config, tmp_path, "full", devices=2, accumulate=1, max_steps=8, every=3)
     (checkpoint,) = (tmp_path / "full").glob("*-step=3.ckpt")
     state = torch.load(checkpoint, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]

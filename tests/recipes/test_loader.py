@@ -54,8 +54,13 @@ def test_each_rank_resumes_from_its_own_position(
     tiny_tokenizer.tokenizer.save(tokenizer_path)
     # spawn, not fork: forking the pytest process after it ran torch threads (or set up a process group) can
     # deadlock or confuse a child; spawned children start clean, at the price of importing torch again.
-    mp.start_processes(_rank_main, args=(2, c4_shards["train"], tokenizer_path, str(tmp_path)), nprocs=2,
-                       join=True, start_method="spawn")
+    mp.start_processes(
+        _rank_main,
+        args=(2, c4_shards["train"], tokenizer_path, str(tmp_path)),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in results:
         assert r["resumed"] == r["reference"]

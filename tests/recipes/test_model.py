@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_recipes.recipes.model import PRESET_NAMES, Llama, LlamaConfig, causal_lm_loss, count_parameters, llama_preset
+from lowrank_recipes.recipes.model import (
+    PRESET_NAMES,
+    Llama,
+    LlamaConfig,
+    causal_lm_loss,
+    count_parameters,
+    llama_preset,
+)
 
 # docs/reference.md: untied head, vocab 32000, norms included, no biases.
 PAPER_COUNTS = {"60m": 58.1e6, "130m": 134.1e6, "350m": 368.0e6, "1b": 1339.1e6, "7b": 6738.4e6}
@@ -128,8 +135,14 @@ def test_rope_rotates_pairs_by_position() -> None:
     y = apply_rope(x, cos, sin)[0, 0]
     for p in range(3):
         a, b = p * 1.0, p * 0.1
-        expected = torch.tensor([torch.cos(torch.tensor(a)), -torch.sin(torch.tensor(b)),
-                                 torch.sin(torch.tensor(a)), torch.cos(torch.tensor(b))])
+        expected = torch.tensor(
+            [
+                torch.cos(torch.tensor(a)),
+                -torch.sin(torch.tensor(b)),
+                torch.sin(torch.tensor(a)),
+                torch.cos(torch.tensor(b)),
+            ]
+        )
         torch.testing.assert_close(y[p], expected)
     # Rotations keep norms.
     torch.testing.assert_close(y.norm(dim=-1), x[0, 0].norm(dim=-1))

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from lowrank_recipes.recipes.data.packing import PackedSequences, StreamPacker, iter_packed, pack_tokens, split_inputs_labels
+from lowrank_recipes.recipes.data.packing import (
+    PackedSequences,
+    StreamPacker,
+    iter_packed,
+    pack_tokens,
+    split_inputs_labels,
+)
 from lowrank_recipes.recipes.data.tokenizer import TextTokenizer
 
 

@@ -14,10 +14,22 @@ from lowrank_recipes.recipes.pretrain import main
 from lowrank_recipes.recipes.trainer import fit
 
 TINY = [
-    "model.vocab_size=384", "model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=2",
-    "model.num_layers=2", "model.max_seq_len=32", "data.vocab_size=384", "data.seq_len=32", "data.max_documents=120",
-    "data.micro_batch_size=4", "data.val_sequences=8", "trainer.global_batch_size=4", "optimizer.lowrank.rank=8",
-    "optimizer.refresh.update_gap=4", "trainer.val_every_n_steps=5", "trainer.log_every_n_steps=1",
+    "model.vocab_size=384",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_heads=2",
+    "model.num_layers=2",
+    "model.max_seq_len=32",
+    "data.vocab_size=384",
+    "data.seq_len=32",
+    "data.max_documents=120",
+    "data.micro_batch_size=4",
+    "data.val_sequences=8",
+    "trainer.global_batch_size=4",
+    "optimizer.lowrank.rank=8",
+    "optimizer.refresh.update_gap=4",
+    "trainer.val_every_n_steps=5",
+    "trainer.log_every_n_steps=1",
 ]
 
 
@@ -33,7 +45,15 @@ def test_default_path_runs_logs_and_checkpoints(tmp_path):
     out = tmp_path / "run"
     assert main([*TINY, "trainer.max_steps=20", "trainer.checkpoint_every_n_steps=10", f"out_dir={out}"]) == 0
     scalars = _scalars(out)
-    for tag in ("train/loss", "train/lr", "val/loss", "val/ppl", "train/lr/lowrank", "train/lr/plain", "train/peak_memory_gib"):
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "val/loss",
+        "val/ppl",
+        "train/lr/lowrank",
+        "train/lr/plain",
+        "train/peak_memory_gib",
+    ):
         assert tag in scalars, (tag, sorted(scalars))
     assert "text:optimizer/groups/text_summary" in scalars and "text:data/corpus_sha256/text_summary" in scalars
     assert "train/device/items_per_sec" in scalars, sorted(scalars)  # tokens/s: length_fn counts tokens
@@ -100,8 +120,14 @@ def test_bf16_precisions_train(tmp_path, precision):
 
 @pytest.mark.parametrize("resumed_as", ["fp32", "bf16"])
 def test_8bit_checkpoint_resumes_with_another_state_precision(tmp_path, resumed_as):
-    common = [*TINY, "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=3", f"out_dir={tmp_path}",
-              "model.hidden_size=64", "model.intermediate_size=128"]  # 24k-element embeddings: really 8-bit
+    common = [
+        *TINY,
+        "trainer.max_steps=6",
+        "trainer.checkpoint_every_n_steps=3",
+        f"out_dir={tmp_path}",
+        "model.hidden_size=64",
+        "model.intermediate_size=128",
+    ]  # 24k-element embeddings: really 8-bit
     first = _Recorder(stop_at=3)
     run, resolved = load_run_config("default", [*common, "optimizer.state_precision=8bit"])
     fit(run, resolved, callbacks=[first])
@@ -120,8 +146,13 @@ def test_8bit_checkpoint_resumes_with_another_state_precision(tmp_path, resumed_
 
 def test_per_layer_updates_run_through_the_recipe(tmp_path):
     recorder = _Recorder()
-    overrides = [*TINY, "trainer.max_steps=6", "trainer.per_layer_updates=true", "trainer.per_layer_clip_norm=1.0",
-                 f"out_dir={tmp_path}"]
+    overrides = [
+        *TINY,
+        "trainer.max_steps=6",
+        "trainer.per_layer_updates=true",
+        "trainer.per_layer_clip_norm=1.0",
+        f"out_dir={tmp_path}",
+    ]
     run, resolved = load_run_config("default", overrides)
     fit(run, resolved, callbacks=[recorder])
     losses = [recorder.losses[s] for s in sorted(recorder.losses)]

@@ -31,8 +31,16 @@ class Recorder(pl.LightningModule):
     def __init__(self, vocab_size: int) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.model = Llama(LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
-                                       num_heads=2, num_layers=1, max_seq_len=SEQ_LEN))
+        self.model = Llama(
+            LlamaConfig(
+                vocab_size=vocab_size,
+                hidden_size=16,
+                intermediate_size=32,
+                num_heads=2,
+                num_layers=1,
+                max_seq_len=SEQ_LEN,
+            )
+        )
         self.seen: list[list[list[int]]] = []
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -43,8 +51,14 @@ class Recorder(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def fit(config: DataConfig, root: Path, max_steps: int, accumulate: int, every: int | None = None,
-        ckpt_path: str | None = None) -> tuple[Recorder, PretrainDataModule]:
+def fit(
+    config: DataConfig,
+    root: Path,
+    max_steps: int,
+    accumulate: int,
+    every: int | None = None,
+    ckpt_path: str | None = None,
+) -> tuple[Recorder, PretrainDataModule]:
     dm = PretrainDataModule(config)
     dm.prepare_data()
     dm.setup("fit")
@@ -52,18 +66,34 @@ def fit(config: DataConfig, root: Path, max_steps: int, accumulate: int, every: 
     module = Recorder(dm.tokenizer.vocab_size)
     callbacks = [ModelCheckpoint(dirpath=root, every_n_train_steps=every, save_top_k=-1)] if every else []
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, accumulate_grad_batches=accumulate,
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
         use_distributed_sampler=False,  # the datamodule slices per rank itself
-        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=bool(every),
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=root,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=bool(every),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=root,
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module, dm
 
 
 def local_c4(c4_shards: dict[str, list[str]], tokenizer_path: str) -> DataConfig:
-    return DataConfig(source="c4", train_files=c4_shards["train"], val_files=c4_shards["validation"],
-                      tokenizer=tokenizer_path, seq_len=SEQ_LEN, micro_batch_size=4, val_sequences=4)
+    return DataConfig(
+        source="c4",
+        train_files=c4_shards["train"],
+        val_files=c4_shards["validation"],
+        tokenizer=tokenizer_path,
+        seq_len=SEQ_LEN,
+        micro_batch_size=4,
+        val_sequences=4,
+    )
 
 
 @pytest.mark.parametrize(
@@ -76,8 +106,16 @@ def test_resume_mid_epoch_sees_the_same_batches(
     if case == "embedded":
         # Two documents, the second held out: one small training document, so the run crosses
         # several epoch ends (9 micro-batches of 8 sequences per epoch).
-        config = DataConfig(max_documents=2, holdout_every=2, vocab_size=300, seq_len=SEQ_LEN,
-                            micro_batch_size=8, num_workers=num_workers, seed=11, cache_dir=str(tmp_path / "tok"))
+        config = DataConfig(
+            max_documents=2,
+            holdout_every=2,
+            vocab_size=300,
+            seq_len=SEQ_LEN,
+            micro_batch_size=8,
+            num_workers=num_workers,
+            seed=11,
+            cache_dir=str(tmp_path / "tok"),
+        )
     else:
         tiny_tokenizer.tokenizer.save(str(tmp_path / "tokenizer.json"))
         config = local_c4(c4_shards, str(tmp_path / "tokenizer.json"))

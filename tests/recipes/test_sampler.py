@@ -22,8 +22,10 @@ def test_global_batches_do_not_depend_on_world_size(world_size: int) -> None:
     # 103 items, micro-batch 3, 4 micro-batches per optimizer step in total (W x accumulation = 4).
     n, micro, per_step, steps = 103, 3, 4, 30  # 30 steps = 360 items: several passes over 103
     single = take(GlobalBatchSampler(n, micro, 0, 1, seed=7), per_step * steps)
-    ranks = [take(GlobalBatchSampler(n, micro, r, world_size, seed=7), per_step // world_size * steps)
-             for r in range(world_size)]
+    ranks = [
+        take(GlobalBatchSampler(n, micro, r, world_size, seed=7), per_step // world_size * steps)
+        for r in range(world_size)
+    ]
     accumulation = per_step // world_size
     for k in range(steps):
         reference = sorted(map(tuple, single[k * per_step : (k + 1) * per_step]))

@@ -9,7 +9,14 @@ import pytest
 from torch.utils.data import DataLoader
 
 from lowrank_recipes.recipes.data import sources
-from lowrank_recipes.recipes.data.sources import StreamSpec, files_spec, holdout_split, iter_texts, open_stream, shard_for_rank
+from lowrank_recipes.recipes.data.sources import (
+    StreamSpec,
+    files_spec,
+    holdout_split,
+    iter_texts,
+    open_stream,
+    shard_for_rank,
+)
 
 
 def all_texts(paths: list[str]) -> list[str]:
@@ -22,8 +29,9 @@ def all_texts(paths: list[str]) -> list[str]:
 
 def test_local_c4_shards_stream_like_c4(c4_shards: dict[str, list[str]]) -> None:
     spec = files_spec(c4_shards["train"], c4_shards["validation"])
-    assert spec == StreamSpec(path="json", name=None, data_files={"train": c4_shards["train"],
-                                                                   "validation": c4_shards["validation"]})
+    assert spec == StreamSpec(
+        path="json", name=None, data_files={"train": c4_shards["train"], "validation": c4_shards["validation"]}
+    )
     train = open_stream(spec, "train")
     assert train.n_shards == 4
     assert list(iter_texts(train)) == all_texts(c4_shards["train"])

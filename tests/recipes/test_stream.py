@@ -43,8 +43,9 @@ def test_stream_packs_this_ranks_documents(c4_shards: dict[str, list[str]], tiny
 
 
 def test_stream_is_endless(c4_shards: dict[str, list[str]], tiny_tokenizer: TextTokenizer) -> None:
-    one_pass = len(list(iter_packed(iter_texts(open_stream(files_spec(c4_shards["train"]), "train")),
-                                    tiny_tokenizer, SEQ_LEN)))
+    one_pass = len(
+        list(iter_packed(iter_texts(open_stream(files_spec(c4_shards["train"]), "train")), tiny_tokenizer, SEQ_LEN))
+    )
     stream = make_stream(c4_shards["train"], tiny_tokenizer)
     assert len(list(itertools.islice(iter(stream), 2 * one_pass + 3))) == 2 * one_pass + 3
     assert stream.state_dict()["pass"] == 2
@@ -58,8 +59,9 @@ def test_loader_resume_is_exact(
     c4_shards: dict[str, list[str]], tiny_tokenizer: TextTokenizer, num_workers: int, stop: int
 ) -> None:
     def loader() -> StatefulDataLoader:
-        return StatefulDataLoader(make_stream(c4_shards["train"], tiny_tokenizer), batch_size=4,
-                                  num_workers=num_workers)
+        return StatefulDataLoader(
+            make_stream(c4_shards["train"], tiny_tokenizer), batch_size=4, num_workers=num_workers
+        )
 
     total = stop + 6
     reference = ids(list(itertools.islice(iter(loader()), total)))
@@ -105,8 +107,9 @@ def test_resume_is_exact_when_a_worker_starts_late(tmp_path: Path, tiny_tokenize
         datasets.IterableDataset.set_epoch = set_epoch  # type: ignore[method-assign]
 
     def loader(**kwargs: Any) -> StatefulDataLoader:
-        return StatefulDataLoader(make_stream(shards, tiny_tokenizer), batch_size=4, num_workers=2,
-                                  multiprocessing_context=ctx, **kwargs)
+        return StatefulDataLoader(
+            make_stream(shards, tiny_tokenizer), batch_size=4, num_workers=2, multiprocessing_context=ctx, **kwargs
+        )
 
     stop, total = 20, 44  # stop inside pass 1; the tail runs through pass 2 into pass 3 for both workers
     reference = ids(list(itertools.islice(iter(loader()), total)))
