@@ -119,7 +119,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             "## Final validation loss and perplexity (best lr per method)\n",
             "Differences are paired over seeds (same seed: same init and data order), method minus reference; `*`: the "
             "95% Student-t interval excludes 0. Gap closed = (L_GaLore - L_method) / (L_GaLore - L_AdamW), only where "
-            "L_GaLore - L_AdamW is clearly positive. The randomized variants ran one seed at GaLore's / SARA's best lr.\n",
+            "L_GaLore - L_AdamW is clearly positive. The randomized variants ran one seed at GaLore's / SARA's "
+            "best lr.\n",
             method_table(result["methods"]),
             "",
             gap_notes(result["methods"]),
@@ -129,8 +130,9 @@ def render_markdown(result: dict[str, Any]) -> str:
             sweep_table(result["sweep"]),
             "",
             "## Subspace overlap at each refresh\n",
-            "||B_old^T B_new||_F^2 / r, mean over the projected matrices and over seeds (runs at the best lr); r/d is the "
-            "chance level of two random subspaces; last column: mean over refreshes of the MLP and attention matrices.\n",
+            "||B_old^T B_new||_F^2 / r, mean over the projected matrices and over seeds (runs at the best lr); "
+            "r/d is the chance level of two random subspaces; last column: mean over refreshes of the MLP and "
+            "attention matrices.\n",
             overlap_table(result["overlaps"]),
             "",
             result["overlap_summary"],

@@ -17,9 +17,9 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lowrank_recipes.callbacks.subscriber import RefreshSubscriber
 from lowrank import LowRankOptimizer, RefreshRecord
 from lowrank.overlap import overlap_metrics
+from lowrank_recipes.callbacks.subscriber import RefreshSubscriber
 
 
 @dataclasses.dataclass(frozen=True)

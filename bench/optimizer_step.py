@@ -38,20 +38,19 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-from _common import markdown_table, median, mib, pick_device, quartiles, run_metadata, timed
 from lowrank.factory import build_optimizer
 from lowrank.optimizer import LowRankOptimizer
 from lowrank.projector import add_back_projected_, orient, project, resolve_side
 from lowrank.randomness import draw_generator
 from lowrank.selectors import SELECTORS, make_selector
 from lowrank_recipes.recipes.model import Llama, LlamaConfig, llama_preset
+
+from _common import markdown_table, median, mib, pick_device, quartiles, run_metadata, timed
 
 SELECTOR_NAMES = tuple(SELECTORS)  # every registered selector, in registry order
 LOWRANK_VARIANTS = tuple(f"lowrank-{name}" for name in SELECTOR_NAMES)
@@ -420,7 +419,8 @@ def report(result: dict[str, Any]) -> str:
             f"Optimizer step: device {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
             f"{meta['threads']} threads / {meta['cpu_count']} CPUs, load {meta['load_average']}, {meta['date']}; "
             f"galore-torch: {result['galore_torch']['version'] or result['galore_torch']['note']}\n"
-            f"step: fp32, {args['repeats']} round-robin repeats (median, IQR), refreshes excluded; ratios are of medians",
+            f"step: fp32, {args['repeats']} round-robin repeats (median, IQR), refreshes excluded; "
+            "ratios are of medians",
             markdown_table(
                 (
                     "model",
@@ -440,7 +440,7 @@ def report(result: dict[str, Any]) -> str:
             + (
                 ""
                 if args["exact_all_ranks"]
-                else f"; dominant and importance (full SVD, whatever r) timed at the first rank of each model only"
+                else "; dominant and importance (full SVD, whatever r) timed at the first rank of each model only"
             ),
             markdown_table(
                 ("model", "shape", "side", "per layer", "rank", *(f"{s} ms" for s in SELECTOR_NAMES)), refresh_body

@@ -7,8 +7,9 @@ methods the subspace overlap ||B_old^T B_new||_F^2 / r at every refresh (mean ov
 its chance level r/d).
 
 How: every run is the recipe itself, ``lowrank_recipes.recipes.config.load_run_config('default', overrides)`` and
-``lowrank_recipes.recipes.trainer.fit(run, resolved, [QualityRecorder()])`` (bench/_quality_run.py), so the benchmark measures what
-users run; run outputs go to a scratch directory (``--work-dir``, default a temporary one), never runs/default.
+``lowrank_recipes.recipes.trainer.fit(run, resolved, [QualityRecorder()])`` (bench/_quality_run.py), so the benchmark
+measures what users run; run outputs go to a scratch directory (``--work-dir``, default a temporary one), never
+runs/default.
 
 1. Learning-rate sweep, seed 0, three log-spaced values per method (``LR_GRIDS``): at this scale the plain group's
    lr (embeddings, head, norms get lr, projected weights lr * alpha) decides rankings (docs/reference.md, "Fair
@@ -40,8 +41,8 @@ The device is chosen automatically (cuda when available, passed to the recipe as
 from __future__ import annotations
 
 import argparse
-import json
 import hashlib
+import json
 import math
 import shutil
 import sys
@@ -53,7 +54,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 
 from _common import pick_device, run_metadata
 from _quality_report import render_markdown, write_plots

@@ -31,6 +31,9 @@ from typing import Any
 
 import torch
 
+from lowrank.factory import build_optimizer
+from lowrank.optimizer import LowRankOptimizer
+from lowrank_recipes.recipes.model import Llama, LlamaConfig, causal_lm_loss, llama_preset
 
 from _common import (
     current_rss_bytes,
@@ -43,9 +46,6 @@ from _common import (
     run_metadata,
     timed,
 )
-from lowrank.factory import build_optimizer
-from lowrank.optimizer import LowRankOptimizer
-from lowrank_recipes.recipes.model import Llama, LlamaConfig, causal_lm_loss, llama_preset
 
 FAMILIES = ("lowrank", "adamw")
 PRECISIONS = ("fp32", "bf16", "8bit")
@@ -292,9 +292,9 @@ def report(rows: list[dict[str, Any]], targets: list[dict[str, Any]], meta: dict
             f"State precision: device {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
             f"{meta['threads']} threads / {meta['cpu_count']} CPUs, {meta['date']}\n"
             f"step time: {args['model']} shapes, {args['repeats']} round-robin repeats (median); "
-            f"train: {args['train_model']} model, batch {batch} x seq {seq_len}, {args['train_steps']} steps, peak memory "
-            f"({'peak RSS' if meta['device'] == 'cpu' else 'max allocated'}) per child process; +MiB: above the child's "
-            "baseline before the model was built",
+            f"train: {args['train_model']} model, batch {batch} x seq {seq_len}, {args['train_steps']} steps, "
+            f"peak memory ({'peak RSS' if meta['device'] == 'cpu' else 'max allocated'}) per child process; "
+            "+MiB: above the child's baseline before the model was built",
             markdown_table(header, body),
             markdown_table(("target", "measured", "limit", "result", "note"), goals),
         ]

@@ -1,4 +1,5 @@
-"""The overlap picture of :class:`lowrank_recipes.callbacks.SubspaceOverlapMonitor`, rendered off-screen with matplotlib's Agg canvas.
+"""The overlap picture of :class:`lowrank_recipes.callbacks.SubspaceOverlapMonitor`, rendered off-screen with
+matplotlib's Agg canvas.
 
 Left: a heatmap of the latest overlap of every low-rank parameter, rows = layers, columns = module types (with
 staggering each cell holds the parameter's own latest refresh). Right: the mean overlap of each module type against

@@ -8,8 +8,8 @@ monitor logs beside it the chance level and the normalised overlap ``(overlap - 
 :func:`lowrank.overlap.overlap_metrics`, usable without Lightning.
 
 Where the records come from: the monitor is a refresh listener of the run's ``LowRankOptimizer`` (a
-:class:`lowrank_recipes.callbacks.RefreshSubscriber`), so it hears every refresh, whoever runs it: the ``SubspaceResampler``, the
-optimizer's own ``step()`` (no resampler attached), or per-layer updates inside backward.
+:class:`lowrank_recipes.callbacks.RefreshSubscriber`), so it hears every refresh, whoever runs it: the
+``SubspaceResampler``, the optimizer's own ``step()`` (no resampler attached), or per-layer updates inside backward.
 
 Tags, logged after every optimizer step that refreshed a weight with an overlap (the first refresh of a parameter has
 none), on rank zero through every logger of the trainer with ``step`` = the refresh step. The aggregates
@@ -26,9 +26,9 @@ zigzagging between slices.
   (wrapper prefixes such as ``_orig_mod.`` removed, as in :func:`lowrank.normalize_param_name`).
 
 Every ``image_interval`` refreshes (and at the end of training) a picture (``lowrank/overlap_heatmap``, see
-:mod:`lowrank_recipes.callbacks.overlap_figure`) goes to every logger whose ``experiment`` has ``add_image`` (TensorBoard); other
-loggers are skipped silently. When ``lowrank/overlap_normalized/mean`` is above ``frozen_threshold`` at
-``frozen_patience`` consecutive refreshes it warns once that the subspace is frozen.
+:mod:`lowrank_recipes.callbacks.overlap_figure`) goes to every logger whose ``experiment`` has ``add_image``
+(TensorBoard); other loggers are skipped silently. When ``lowrank/overlap_normalized/mean`` is above
+``frozen_threshold`` at ``frozen_patience`` consecutive refreshes it warns once that the subspace is frozen.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
-from lowrank_recipes.callbacks.overlap_figure import render_overlap_figure
-from lowrank_recipes.callbacks.subscriber import RefreshSubscriber
 from lowrank import RefreshRecord, normalize_param_name
 from lowrank.checks import raise_problems
 from lowrank.overlap import OverlapMonitorOptions, layer_label, module_type, overlap_metrics
+from lowrank_recipes.callbacks.overlap_figure import render_overlap_figure
+from lowrank_recipes.callbacks.subscriber import RefreshSubscriber
 
 IMAGE_TAG = "lowrank/overlap_heatmap"
 _MAX_HISTORY = 1000  # refreshes kept for the picture; beyond it every other one is dropped

@@ -28,9 +28,9 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lowrank_recipes.callbacks.lowrank_optimizer import fill_max_steps
 from lowrank import LowRankOptimizer, RefreshSchedule
 from lowrank.per_layer import PerLayerUpdater, per_layer_problems
+from lowrank_recipes.callbacks.lowrank_optimizer import fill_max_steps
 
 
 class PerLayerUpdates(Callback):

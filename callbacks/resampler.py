@@ -35,8 +35,8 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lowrank_recipes.callbacks.lowrank_optimizer import fill_max_steps, find_lowrank_optimizer
 from lowrank import LowRankOptimizer, RefreshSchedule
+from lowrank_recipes.callbacks.lowrank_optimizer import fill_max_steps, find_lowrank_optimizer
 
 REFRESH_SECONDS_TAG = "lowrank/refresh_seconds"
 _COMPARED = ("update_gap", "stagger", "switch_at", "switch_to")  # schedule fields a resume should not change silently
@@ -70,7 +70,8 @@ class SubspaceResampler(Callback):
         count = sum(isinstance(cb, SubspaceResampler) for cb in trainer.callbacks)
         if count > 1:
             raise MisconfigurationException(
-                f"{count} SubspaceResampler callbacks are attached; keep exactly one (they would run the same refreshes)"
+                f"{count} SubspaceResampler callbacks are attached; keep exactly one (they would run the same "
+                "refreshes twice)"
             )
         self._optimizer = find_lowrank_optimizer(trainer, "SubspaceResampler")
         self._schedule_before = fill_max_steps(trainer, self._optimizer, "SubspaceResampler")

@@ -97,8 +97,8 @@ class OptimizerStatePrecision(Callback):
             if ckpt_path is not None and Path(ckpt_path).is_dir():
                 raise MisconfigurationException(
                     f"checkpoint {ckpt_path} is sharded and holds {sorted(found)} optimizer states; this run uses "
-                    f"{target!r}: resume with optimizer.state_precision={sorted(found)[0]} (a sharded checkpoint cannot "
-                    "be converted)"
+                    f"{target!r}: resume with optimizer.state_precision={sorted(found)[0]} (a sharded "
+                    "checkpoint cannot be converted)"
                 )
             params = [p for group in optimizer.param_groups for p in group["params"]]
             for index, entry in list(state_dict["state"].items()):

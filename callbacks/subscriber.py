@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lowrank_recipes.callbacks.lowrank_optimizer import find_lowrank_optimizer
 from lowrank import LowRankOptimizer, RefreshRecord
+from lowrank_recipes.callbacks.lowrank_optimizer import find_lowrank_optimizer
 
 
 class RefreshSubscriber(Callback):

@@ -8,18 +8,18 @@ Entry points: :func:`build_optimizer` (model + config -> optimizer, with its gro
 
 from lowrank.bases import BASES, BaseSpec, register_base
 from lowrank.compact_adamw import CompactAdamW
-from lowrank.config import STATE_PRECISIONS, DEFAULT_TARGETS, LowRankConfig, OptimizerConfig, optimizer_config_from_dict
+from lowrank.config import DEFAULT_TARGETS, STATE_PRECISIONS, LowRankConfig, OptimizerConfig, optimizer_config_from_dict
 from lowrank.factory import GroupTable, TableRow, build_optimizer
 from lowrank.moment_storage import convert_state
 from lowrank.moments import MOMENT_POLICIES
 from lowrank.optimizer import DueRefresh, LowRankOptimizer, RefreshListener
 from lowrank.options import LOWRANK_DEFAULTS, LowRankOptions
-from lowrank.quantization import dequantize_blockwise, quantize_blockwise
 from lowrank.projector import SIDES, back_project, chance_overlap, project, resolve_side, subspace_overlap
+from lowrank.quantization import dequantize_blockwise, quantize_blockwise
 from lowrank.randomness import draw_generator, normalize_param_name
 from lowrank.records import RefreshRecord
-from lowrank.schedule import RefreshSchedule
 from lowrank.sampling import importance_indices
+from lowrank.schedule import RefreshSchedule
 from lowrank.selectors import SELECTORS, SubspaceSelector, make_selector, register_selector, selector_fields
 
 __all__ = [

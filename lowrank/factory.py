@@ -135,7 +135,8 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | Mapping[str, Any
         if name in chosen and low.rank > min(param.shape):
             raise ValueError(
                 f"optimizer.lowrank.rank: {low.rank} is larger than parameter {name!r} allows (shape "
-                f"{tuple(param.shape)}); accepted: 1 .. {min(param.shape)}, or exclude it from optimizer.lowrank.targets"
+                f"{tuple(param.shape)}); accepted: 1 .. {min(param.shape)}, or exclude it from "
+                "optimizer.lowrank.targets"
             )
     base = cfg.base_name()
     spec = BASES[base]

@@ -61,6 +61,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from lowrank.bases import BaseFactory, BaseSpec, resolve_base
+from lowrank.checks import check, is_number, raise_problems
 from lowrank.compact_adamw import STORAGE_KEYS
 from lowrank.dtensor import (
     check_row_sharded,
@@ -73,7 +74,6 @@ from lowrank.dtensor import (
     sharded_zeros_like_rows,
 )
 from lowrank.fira import fira_residual
-from lowrank.checks import check, is_number, raise_problems
 from lowrank.moments import apply_moment_policy
 from lowrank.options import LOWRANK_DEFAULTS, OPTION_NAMES, lowrank_problems
 from lowrank.projector import add_back_projected_, orient, placeholder_basis, project, projected_shape, resolve_side
@@ -87,9 +87,11 @@ _OWN_STATE_KEYS = ("lowrank_basis", "fira_norm")
 # Options that older versions took per group or as constructor arguments, and where they live now.
 MOVED_OPTIONS: dict[str, str] = {
     "update_gap": "moved to the optimizer's schedule: LowRankOptimizer(..., schedule=RefreshSchedule(update_gap=...))",
-    "oversampling": "moved to selector_options, by rule: selector_options={'randomized_importance': {'oversampling': ..}}",
-    "power_iters": "moved to selector_options, by rule: selector_options={'randomized_importance': {'power_iters': ..}}",
-    "auto_refresh": "removed: step() refreshes what its schedule says is due, unless resample() already did at that step",
+    "oversampling": "moved to selector_options, by rule: "
+    "selector_options={'randomized_importance': {'oversampling': ..}}",
+    "power_iters": "moved to selector_options, by rule: "
+    "selector_options={'randomized_importance': {'power_iters': ..}}",
+    "auto_refresh": "removed: step() refreshes what its schedule says is due, unless resample() already ran that step",
 }
 
 RefreshListener = Callable[["LowRankOptimizer", list[RefreshRecord]], None]

@@ -7,7 +7,8 @@ normalised overlap ``(overlap - r/d) / (1 - r/d)`` reads 0 at chance and 1 when 
 no normalised value).
 
 :func:`overlap_metrics` turns ``parameter name -> (latest overlap, chance)`` into the scalars that
-``lowrank_recipes.callbacks.SubspaceOverlapMonitor`` logs; a plain training loop can do the same from a refresh listener::
+``lowrank_recipes.callbacks.SubspaceOverlapMonitor`` logs; a plain training loop can do the same from a refresh
+listener::
 
     latest = {}
     optimizer.register_refresh_listener(
@@ -28,7 +29,8 @@ from lowrank.randomness import normalize_param_name
 
 @dataclasses.dataclass
 class OverlapMonitorOptions:
-    """Options of the overlap monitor (``lowrank_recipes.callbacks.SubspaceOverlapMonitor``; the recipe's ``monitor`` section).
+    """Options of the overlap monitor (``lowrank_recipes.callbacks.SubspaceOverlapMonitor``; the recipe's ``monitor``
+    section).
 
     Attributes:
         per_layer: also log the overlap of every weight (``lowrank/overlap_layer/<parameter name>``).

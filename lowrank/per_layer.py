@@ -23,7 +23,8 @@ What it cannot honour raises instead of updating wrongly:
 * ``resample()`` (the gradients are gone when it would run) and a schedule with ``split_across_ranks``;
 * DDP / FSDP / more than one process: the hooks would step before gradients are reduced.
 
-Lightning checks (accumulate_grad_batches, gradient_clip_val, strategy, AMP scaler) live in ``lowrank_recipes.callbacks.per_layer``.
+Lightning checks (accumulate_grad_batches, gradient_clip_val, strategy, AMP scaler) live in
+``lowrank_recipes.callbacks.per_layer``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ SIDES: tuple[str, ...] = ("auto", "left", "right")
 
 
 def resolve_side(shape: tuple[int, ...] | torch.Size, side: str = "auto") -> str:
-    """``left`` or ``right`` for a weight of ``shape`` (m, n) under the side option (``auto`` | ``left`` | ``right``)."""
+    """``left`` or ``right`` for a weight of ``shape`` (m, n) under the side option (``auto`` | ``left`` |
+    ``right``)."""
     if side not in SIDES:
         raise ValueError(f"side: unknown value {side!r}; accepted: {', '.join(SIDES)}")
     if side != "auto":

@@ -115,13 +115,15 @@ class RefreshSchedule:
             return None
         if self.max_steps is None:
             raise ValueError(
-                f"RefreshSchedule(switch_at={self.switch_at}) is a fraction of max_steps, which is not set: Lightning's "
-                "SubspaceResampler sets it from trainer.max_steps; in a plain loop pass RefreshSchedule(max_steps=...)"
+                f"RefreshSchedule(switch_at={self.switch_at}) is a fraction of max_steps, which is not set: "
+                "Lightning's SubspaceResampler sets it from trainer.max_steps; in a plain loop pass "
+                "RefreshSchedule(max_steps=...)"
             )
         return math.ceil(self.switch_at * self.max_steps)
 
     def selector_at(self, step: int, default: str) -> str:
-        """The rule of a refresh at ``step``: ``switch_to`` from :attr:`switch_step` on, else ``default`` (the group's)."""
+        """The rule of a refresh at ``step``: ``switch_to`` from :attr:`switch_step` on, else ``default`` (the
+        group's)."""
         switch = self.switch_step
         return self.switch_to if switch is not None and step >= switch else default
 

@@ -2,7 +2,8 @@
 
 :func:`from_mapping` builds a (possibly nested) dataclass, and for the first problem it meets raises a ValueError
 that names the full key (``optimizer.lowrank.rank``), and either the closest accepted key (for a typo), the key's new
-place (for a key listed in the dataclass's ``MOVED_KEYS``) or the expected type (for a wrong type). Semantic checks (ranges, choices) are the dataclasses' own ``validate``.
+place (for a key listed in the dataclass's ``MOVED_KEYS``) or the expected type (for a wrong type). Semantic checks
+(ranges, choices) are the dataclasses' own ``validate``.
 """
 
 from __future__ import annotations

@@ -232,7 +232,8 @@ def validate_run(run: RunConfig) -> None:
     problems = []
     if d.seq_len > run.model.max_seq_len:
         problems.append(
-            f"data.seq_len: {d.seq_len} exceeds model.max_seq_len = {run.model.max_seq_len}; accepted: 1 .. {run.model.max_seq_len}"
+            f"data.seq_len: {d.seq_len} exceeds model.max_seq_len = {run.model.max_seq_len}; accepted: 1 .. "
+            f"{run.model.max_seq_len}"
         )
     if (
         t.strategy in REFUSED_STRATEGIES
@@ -243,7 +244,8 @@ def validate_run(run: RunConfig) -> None:
             t.strategy, REFUSED_STRATEGIES["deepspeed" if "deepspeed" in t.strategy else "fsdp"]
         )
         problems.append(
-            f"trainer.strategy: {t.strategy!r} is not supported: {why}; accepted: {' | '.join(STRATEGIES)} (ddp for several devices)"
+            f"trainer.strategy: {t.strategy!r} is not supported: {why}; accepted: {' | '.join(STRATEGIES)} "
+            "(ddp for several devices)"
         )
     elif t.strategy not in STRATEGIES:
         problems.append(f"trainer.strategy: invalid value {t.strategy!r}; accepted: {' | '.join(STRATEGIES)}")

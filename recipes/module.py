@@ -1,9 +1,10 @@
-"""``LlamaPretrainModule``: next-token pretraining of ``lowrank_recipes.recipes.model.Llama`` with any ``lowrank`` optimizer.
+"""``LlamaPretrainModule``: next-token pretraining of ``lowrank_recipes.recipes.model.Llama`` with any ``lowrank``
+optimizer.
 
-Logs (TensorBoard tags): ``train/loss``, ``train/lr`` (the plain group's learning rate as the schedule sets it; per group
-``train/lr/<group>`` comes from Lightning's LearningRateMonitor), ``val/loss``, ``val/ppl`` (torchmetrics
-Perplexity), ``train/peak_memory_gib``; tokens/s comes from Lightning's ThroughputMonitor. The optimizer's group
-table is printed at start and logged as text.
+Logs (TensorBoard tags): ``train/loss``, ``train/lr`` (the plain group's learning rate as the schedule sets it; per
+group ``train/lr/<group>`` comes from Lightning's LearningRateMonitor), ``val/loss``, ``val/ppl`` (torchmetrics
+Perplexity), ``train/peak_memory_gib``; tokens/s comes from Lightning's ThroughputMonitor. The optimizer's group table
+is printed at start and logged as text.
 """
 
 from __future__ import annotations

@@ -106,7 +106,8 @@ def build_trainer(run: RunConfig, callbacks: list[pl.Callback] | None = None) ->
         callbacks=[
             checkpoint,
             LearningRateMonitor(logging_interval="step"),
-            # train/device/items_per_sec is tokens/s per device (length_fn counts tokens), a rolling mean over 10 optimizer steps.
+            # train/device/items_per_sec is tokens/s per device (length_fn counts tokens), a rolling mean over 10
+            # optimizer steps.
             ThroughputMonitor(batch_size_fn=_sequences, length_fn=_tokens, window_size=10),
             OptimizerStatePrecision(),
             *subspace_callbacks(run),
@@ -118,7 +119,8 @@ def build_trainer(run: RunConfig, callbacks: list[pl.Callback] | None = None) ->
 
 @rank_zero_only
 def save_resolved_config(out_dir: str, resolved: dict[str, Any]) -> Path:
-    """Writes the resolved config beside the logs without overwriting an earlier run's (config.yaml, config.1.yaml...)."""
+    """Writes the resolved config beside the logs without overwriting an earlier run's (config.yaml,
+    config.1.yaml...)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path, index = out / "config.yaml", 0

@@ -9,8 +9,8 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lowrank_recipes.callbacks import PerLayerUpdates, SubspaceOverlapMonitor, SubspaceResampler
 from lowrank import SELECTORS
+from lowrank_recipes.callbacks import PerLayerUpdates, SubspaceOverlapMonitor, SubspaceResampler
 from tests.callbacks.helpers import WARNING_FILTERS, MLPModule, make_trainer, optimizer_config, regression_loader
 
 pytestmark = WARNING_FILTERS

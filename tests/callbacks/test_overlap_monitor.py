@@ -10,11 +10,11 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lowrank import RefreshRecord
+from lowrank.overlap import layer_label, module_type, normalized_overlap, overlap_metrics
 from lowrank_recipes.callbacks import SubspaceOverlapMonitor, SubspaceResampler
 from lowrank_recipes.callbacks.overlap_figure import natural_key, render_overlap_figure
 from lowrank_recipes.callbacks.overlap_monitor import IMAGE_TAG
-from lowrank import RefreshRecord
-from lowrank.overlap import layer_label, module_type, normalized_overlap, overlap_metrics
 from tests.callbacks.helpers import (
     WARNING_FILTERS,
     FixedGradModule,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lowrank_recipes.callbacks import SubspaceOverlapMonitor
 from lowrank_recipes.callbacks.per_layer import PerLayerUpdates
 from lowrank_recipes.callbacks.resampler import SubspaceResampler
-from lowrank_recipes.callbacks import SubspaceOverlapMonitor
 from tests.callbacks.helpers import (
     WARNING_FILTERS,
     MLPModule,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowrank_recipes.callbacks import SubspaceOverlapMonitor, SubspaceResampler
 from lowrank import LowRankOptimizer, RefreshSchedule, build_optimizer
+from lowrank_recipes.callbacks import SubspaceOverlapMonitor, SubspaceResampler
 from tests.callbacks.helpers import (
     WARNING_FILTERS,
     FixedGradModule,

@@ -9,9 +9,9 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from lowrank import CompactAdamW
 from lowrank_recipes.callbacks import OptimizerStatePrecision
 from lowrank_recipes.callbacks.state_precision import optimizer_precision
-from lowrank import CompactAdamW
 
 
 class ModelParallelStrategy:  # stands in for Lightning's FSDP2 strategy: only the name is read

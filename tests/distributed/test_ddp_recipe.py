@@ -14,14 +14,14 @@ single process accumulates 2 micro-batches per step, each rank takes one. ``upda
 * A 2-rank run stopped at step 6 (after the refresh at step 4, before the one at step 8) and resumed from its
   ``last.ckpt`` (``resume=auto``) repeats the uninterrupted 2-rank run's losses, bases and weights exactly.
 * Every checkpoint of the 2-rank runs loads with ``torch.load(weights_only=True)``.
-* With ``optimizer.refresh.split_across_ranks=true`` (each rank computes half of a refresh's SVDs and broadcasts the bases),
-  the 2-rank dominant run repeats the unsplit 2-rank run bitwise (losses, weights, bases; identical on both ranks)
-  and so equals the 1-process reference to fp32 tolerance.
-* The recipe's own entry point started by the launchers docs/distributed.md shows, ``torchrun --standalone --nproc_per_node 2
-  recipes/pretrain.py ...`` and ``fabric run --accelerator cpu --devices 2 --main-port P recipes/pretrain.py ...``
-  (the Trainer joins the launcher's 2 processes instead of spawning its own), logs the same per-step rank-0
-  ``train/loss`` as the spawn-launched 2-rank run (measured: bitwise), and its final weights and bases (read from its
-  ``last.ckpt``) equal the 1-process reference's to fp32 tolerance (measured: bitwise).
+* With ``optimizer.refresh.split_across_ranks=true`` (each rank computes half of a refresh's SVDs and broadcasts the
+  bases), the 2-rank dominant run repeats the unsplit 2-rank run bitwise (losses, weights, bases; identical on both
+  ranks) and so equals the 1-process reference to fp32 tolerance.
+* The recipe's own entry point started by the launchers docs/distributed.md shows, ``torchrun --standalone
+  --nproc_per_node 2 recipes/pretrain.py ...`` and ``fabric run --accelerator cpu --devices 2 --main-port P
+  recipes/pretrain.py ...`` (the Trainer joins the launcher's 2 processes instead of spawning its own), logs the same
+  per-step rank-0 ``train/loss`` as the spawn-launched 2-rank run (measured: bitwise), and its final weights and bases
+  (read from its ``last.ckpt``) equal the 1-process reference's to fp32 tolerance (measured: bitwise).
 
 All runs start at once in one module fixture (the processes mostly import and wait; about a minute on 2 cores).
 """

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from lowrank.optimizer import LowRankOptimizer
-from lowrank.schedule import RefreshSchedule
 from lowrank.per_layer import enable_per_layer
+from lowrank.schedule import RefreshSchedule
 
 
 class Tiny(nn.Module):

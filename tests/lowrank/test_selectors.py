@@ -14,11 +14,11 @@ from torch import nn
 from lowrank import LowRankOptimizer, RefreshSchedule
 from lowrank.selectors import SELECTORS, SubspaceSelector, is_refreshable, make_selector, register_selector
 
-NAMES = ("dominant", "importance", "random", "randomized_dominant", "randomized_importance")
-SVD_BASED = ("dominant", "importance", "randomized_dominant", "randomized_importance")
-
 from .helpers import gen
 from .helpers import random_orthonormal as haar
+
+NAMES = ("dominant", "importance", "random", "randomized_dominant", "randomized_importance")
+SVD_BASED = ("dominant", "importance", "randomized_dominant", "randomized_importance")
 
 
 def with_spectrum(d: int, k: int, sigma: list[float], seed: int) -> torch.Tensor:
