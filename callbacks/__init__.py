@@ -9,6 +9,7 @@ time, watch and log it.
   per-layer updates, and with the optimizer refreshing on its own.
 * :class:`RefreshSubscriber`: base of any callback that wants every refresh's records (the monitor is one).
 * :class:`PerLayerUpdates`: steps each weight inside backward (lowrank.per_layer), freeing its gradient at once.
+* :class:`FiniteLossGuard`: stops the run at the first non-finite loss, before the optimizer step (ranks agree).
 * :class:`OptimizerStatePrecision`: checks that the strategy can hold bf16 / 8-bit optimizer states and converts a
   resumed checkpoint's states to the run's precision.
 
@@ -17,6 +18,7 @@ Usage::
     trainer = Trainer(callbacks=[SubspaceResampler(), SubspaceOverlapMonitor()], ...)
 """
 
+from lowrank_recipes.callbacks.finite_loss import FiniteLossGuard, NonFiniteError
 from lowrank_recipes.callbacks.overlap_monitor import SubspaceOverlapMonitor
 from lowrank_recipes.callbacks.per_layer import PerLayerUpdates
 from lowrank_recipes.callbacks.resampler import SubspaceResampler
@@ -24,6 +26,8 @@ from lowrank_recipes.callbacks.state_precision import OptimizerStatePrecision
 from lowrank_recipes.callbacks.subscriber import RefreshSubscriber
 
 __all__ = [
+    "FiniteLossGuard",
+    "NonFiniteError",
     "OptimizerStatePrecision",
     "PerLayerUpdates",
     "RefreshSubscriber",

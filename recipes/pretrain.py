@@ -8,7 +8,8 @@
 ``--config`` takes a path or a bare name under configs/; every other argument is a ``key=value`` override. The
 resolved config is printed and saved in ``out_dir``; TensorBoard logs go to ``out_dir/tensorboard`` and checkpoints
 to ``out_dir/checkpoints`` (``resume=auto`` continues from ``last.ckpt`` there: a directory with fsdp2's default sharded
-checkpoints, a file otherwise). Configuration errors are reported in one paragraph before anything is written.
+checkpoints, a file otherwise). Configuration errors are reported in one paragraph before anything is written (exit 2);
+a non-finite loss stops the run before that step's update, keeping the last good checkpoint (exit 3).
 """
 
 from __future__ import annotations
@@ -36,11 +37,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from lowrank_recipes.recipes.trainer import (
-        fit,
-    )  # lightning, datasets, torchdata: imported only once the config is known to be good
+    # lightning, datasets, torchdata: imported only once the config is known to be good
+    from lowrank_recipes.callbacks import NonFiniteError
+    from lowrank_recipes.recipes.trainer import fit
 
-    return fit(run, resolved)
+    try:
+        return fit(run, resolved)
+    except NonFiniteError as err:  # every rank agreed; the last good checkpoint is untouched
+        print(f"error: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lowrank_recipes.callbacks import (
+    FiniteLossGuard,
     OptimizerStatePrecision,
     PerLayerUpdates,
     SubspaceOverlapMonitor,
@@ -104,6 +105,7 @@ def build_trainer(run: RunConfig, callbacks: list[pl.Callback] | None = None) ->
         use_distributed_sampler=False,  # the data module slices the global batches per rank itself
         logger=TensorBoardLogger(save_dir=str(out), name="tensorboard", version="", default_hp_metric=False),
         callbacks=[
+            FiniteLossGuard(),  # first: a non-finite loss stops the step before any other callback works on it
             checkpoint,
             LearningRateMonitor(logging_interval="step"),
             # train/device/items_per_sec is tokens/s per device (length_fn counts tokens), a rolling mean over 10

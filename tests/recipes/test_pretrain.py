@@ -157,3 +157,26 @@ def test_per_layer_updates_run_through_the_recipe(tmp_path):
     fit(run, resolved, callbacks=[recorder])
     losses = [recorder.losses[s] for s in sorted(recorder.losses)]
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_non_finite_training_stops_without_saving_it(tmp_path, capsys):
+    """lr 1e6: the update of step 1 (finite loss) overflows the weights. The checkpoint due at step 2 is refused, the
+    run exits 3 naming the step and the learning rate, and every checkpoint on disk holds finite weights."""
+    out = tmp_path / "run"
+    args = [*TINY, "optimizer.lr=1e6", "trainer.max_steps=8", "trainer.checkpoint_every_n_steps=1", f"out_dir={out}"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: non-finite weights after optimizer step 1 with learning rate lowrank=")
+    assert "the last good checkpoint is kept" in err
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert saved == ["last.ckpt", "step=000001.ckpt"]
+    for name in saved:
+        checkpoint = torch.load(out / "checkpoints" / name, weights_only=True)
+        assert checkpoint["global_step"] == 1
+        assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values()), name
+
+
+def test_infinite_learning_rate_is_refused(tmp_path, capsys):
+    assert main([*TINY, "optimizer.lr=.inf", f"out_dir={tmp_path / 'run'}"]) == 2
+    assert "optimizer.lr: invalid value inf; accepted: a finite number > 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
