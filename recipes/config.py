@@ -9,6 +9,7 @@ the offending key and the accepted values) before any training work or output st
 from __future__ import annotations
 
 import dataclasses
+import os
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lowrank.checks import is_number
 from lowrank.config import OptimizerConfig
 from lowrank.factory import build_optimizer
 from lowrank.overlap import OverlapMonitorOptions
@@ -206,6 +208,7 @@ def load_run_config(config: str, overrides: list[str] | tuple[str, ...] = ()) ->
         raise ConfigError(str(err)) from None
     if run.optimizer.lowrank.seed is None:
         run.optimizer.lowrank.seed = run.seed
+    _expand_user_paths(run)
     # the horizon of a selector switch: the run's length unless set (explicit in the resolved config)
     if isinstance(run.trainer.max_steps, int) and run.trainer.max_steps >= 1:
         run.optimizer.refresh = run.optimizer.refresh.with_max_steps(run.trainer.max_steps)
@@ -215,6 +218,17 @@ def load_run_config(config: str, overrides: list[str] | tuple[str, ...] = ()) ->
     if run.trainer.checkpoint_format == "auto":
         run.trainer.checkpoint_format = "sharded" if run.trainer.strategy == "fsdp2" else "full"
     return run, _plain(dataclasses.asdict(run))
+
+
+def _expand_user_paths(run: RunConfig) -> None:
+    """``~`` in paths means the home folder, as in a shell (``out_dir=~/x`` would otherwise write into ``./~/x``)."""
+    run.out_dir = os.path.expanduser(run.out_dir)
+    if run.resume not in ("auto", "never"):
+        run.resume = os.path.expanduser(run.resume)
+    for key in ("train_files", "val_files"):
+        files = getattr(run.data, key)
+        if files:
+            setattr(run.data, key, [os.path.expanduser(f) for f in files])
 
 
 def _plain(value: Any) -> Any:
@@ -307,8 +321,19 @@ def validate_run(run: RunConfig) -> None:
             problems.append(
                 f"schedule.{key}: invalid value {getattr(run.schedule, key)!r}; accepted: a number in [0, 1]"
             )
+    if d.source == "embedded" and (d.train_files or d.val_files):
+        problems.append(
+            "data.train_files / data.val_files: set, but data.source is 'embedded' (the corpus that ships with "
+            "Python), which would ignore them; accepted: data.source=files (local JSONL/text) or data.source=c4 "
+            "(local C4 shards), or drop the files"
+        )
+    clip = t.gradient_clip_val
+    if clip is not None and not (is_number(clip) and clip >= 0):
+        problems.append(f"trainer.gradient_clip_val: invalid value {clip!r}; accepted: a number >= 0, or null (off)")
     out = Path(run.out_dir)
-    if out.exists() and not out.is_dir():
+    if not run.out_dir.strip():
+        problems.append("out_dir: empty (it would write into the current folder); accepted: a directory path")
+    elif out.exists() and not out.is_dir():
         problems.append(f"out_dir: {run.out_dir!r} exists and is a file; accepted: a directory path (new or existing)")
     for key in ("train_files", "val_files"):
         missing = [f for f in getattr(d, key) or [] if not Path(f).exists()]

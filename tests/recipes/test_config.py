@@ -97,6 +97,9 @@ def test_bare_name_with_suffix_and_overrides():
         (["optimizer.lowrank.selector=top"], ["optimizer.lowrank.selector", "importance"]),
         (["trainer.global_batch_size=20"], ["trainer.global_batch_size", "multiple"]),
         (["resume=/no/such.ckpt"], ["resume", "auto | never"]),
+        ([f"data.train_files=[{REPO / 'README.md'}]"], ["data.train_files", "'embedded'", "data.source=files"]),
+        (["trainer.gradient_clip_val=-1.0"], ["trainer.gradient_clip_val: invalid value -1.0", "null (off)"]),
+        (["out_dir=''"], ["out_dir: empty", "current folder"]),
     ],
 )
 def test_bad_overrides_raise_config_errors(overrides, needles):
@@ -239,3 +242,9 @@ def test_config_module_imports_no_training_library():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_tilde_in_paths_means_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run, resolved = load_run_config("default", ["out_dir=~/runs/x"])
+    assert run.out_dir == str(tmp_path / "runs" / "x") == resolved["out_dir"]
