@@ -331,6 +331,12 @@ def validate_run(run: RunConfig) -> None:
     if clip is not None and not (is_number(clip) and clip >= 0):
         problems.append(f"trainer.gradient_clip_val: invalid value {clip!r}; accepted: a number >= 0, or null (off)")
     out = Path(run.out_dir)
+    if run.resume == "never" and (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("*.ckpt")):
+        problems.append(
+            f"resume: never, but out_dir {run.out_dir!r} already holds checkpoints (a second history would start "
+            "beside the first, and resume=auto would later pick the older run's last.ckpt); accepted: a new out_dir, "
+            "remove that folder, or resume=auto"
+        )
     if not run.out_dir.strip():
         problems.append("out_dir: empty (it would write into the current folder); accepted: a directory path")
     elif out.exists() and not out.is_dir():

@@ -23,6 +23,7 @@ from lowrank_recipes.callbacks import (
 from lowrank_recipes.recipes.config import RunConfig
 from lowrank_recipes.recipes.data.datamodule import PretrainDataModule
 from lowrank_recipes.recipes.module import LlamaPretrainModule, module_kwargs
+from lowrank_recipes.recipes.run_lock import run_lock
 
 
 def world_devices(run: RunConfig) -> int:
@@ -144,11 +145,13 @@ def resume_path(run: RunConfig) -> str | None:
 
 
 def fit(run: RunConfig, resolved: dict[str, Any], callbacks: list[pl.Callback] | None = None) -> int:
-    rank_zero_info("resolved config:\n" + yaml.safe_dump(resolved, sort_keys=False))
-    save_resolved_config(run.out_dir, resolved)
-    pl.seed_everything(run.seed, workers=True)
-    datamodule = PretrainDataModule(run.data)
-    module = LlamaPretrainModule(**module_kwargs(run))
-    trainer = build_trainer(run, callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(run))
+    """Runs the recipe; ``out_dir`` is locked for the run (:mod:`lowrank_recipes.recipes.run_lock`)."""
+    with run_lock(run.out_dir):
+        rank_zero_info("resolved config:\n" + yaml.safe_dump(resolved, sort_keys=False))
+        save_resolved_config(run.out_dir, resolved)
+        pl.seed_everything(run.seed, workers=True)
+        datamodule = PretrainDataModule(run.data)
+        module = LlamaPretrainModule(**module_kwargs(run))
+        trainer = build_trainer(run, callbacks)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(run))
     return 0

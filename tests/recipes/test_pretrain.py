@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -180,3 +182,28 @@ def test_infinite_learning_rate_is_refused(tmp_path, capsys):
     assert main([*TINY, "optimizer.lr=.inf", f"out_dir={tmp_path / 'run'}"]) == 2
     assert "optimizer.lr: invalid value inf; accepted: a finite number > 0" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_second_run_on_a_locked_out_dir_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # another run holding the lock (flock conflicts across open files)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        assert main([*TINY, "trainer.max_steps=2", f"out_dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: out_dir: {out} is in use by another run (pid 4242)"), err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+    assert main([*TINY, "trainer.max_steps=2", f"out_dir={out}"]) == 0  # released: the run goes ahead
+    assert (out / ".lock").read_text() == str(os.getpid())
+
+
+def test_resume_never_refuses_an_out_dir_with_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "trainer.max_steps=2", "trainer.checkpoint_every_n_steps=1", f"out_dir={out}"]) == 0
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert main([*TINY, "trainer.max_steps=2", "resume=never", f"out_dir={out}"]) == 2
+    assert "resume: never, but out_dir" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert not (out / "config.1.yaml").exists()
