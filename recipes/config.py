@@ -127,7 +127,8 @@ class RunConfig:
             ``SubspaceOverlapMonitor`` callback).
         trainer: Lightning Trainer settings.
         out_dir: where TensorBoard logs, checkpoints and the resolved config go.
-        seed: seeds model init, data order and (unless set) the subspace draws.
+        seed: seeds model init and, unless ``data.seed`` / ``optimizer.lowrank.seed`` are set, the data order and
+            the subspace draws.
         resume: "auto" (``out_dir/checkpoints/last.ckpt`` if it exists), "never", or a checkpoint path.
     """
 
@@ -206,8 +207,11 @@ def load_run_config(config: str, overrides: list[str] | tuple[str, ...] = ()) ->
         run = from_mapping(RunConfig, data, "")
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    # `seed` is the one knob that varies a run: the data order and the subspace draws follow it unless set
     if run.optimizer.lowrank.seed is None:
         run.optimizer.lowrank.seed = run.seed
+    if run.data.seed is None:
+        run.data.seed = run.seed
     _expand_user_paths(run)
     # the horizon of a selector switch: the run's length unless set (explicit in the resolved config)
     if isinstance(run.trainer.max_steps, int) and run.trainer.max_steps >= 1:

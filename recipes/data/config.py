@@ -31,7 +31,8 @@ class DataConfig:
         seq_len: T, tokens per input sequence (the paper runs use 256).
         micro_batch_size: sequences per rank per forward pass.
         num_workers: DataLoader worker processes per rank (0 = load in the training process).
-        seed: fixes the training order (map-style) or the shuffle (C4 with `shuffle_buffer` > 0).
+        seed: fixes the training order (map-style) or the shuffle (C4 with `shuffle_buffer` > 0); None (the
+            default) follows the run's top-level `seed` (a data set used on its own, outside a run: 0).
         val_sequences: cap on validation sequences, over all ranks; None = all held-out data
             ("embedded"/"files") or about `C4_DEFAULT_VAL_TOKENS` tokens ("c4").
         max_documents: use only the first N documents of the embedded corpus (quick runs, tests).
@@ -52,7 +53,7 @@ class DataConfig:
     seq_len: int = 256
     micro_batch_size: int = 16
     num_workers: int = 0
-    seed: int = 0
+    seed: int | None = None
     val_sequences: int | None = None
     max_documents: int | None = None
     shuffle_buffer: int = 0
@@ -82,3 +83,9 @@ class DataConfig:
                 problems.append(f"{key} must be None or >= 1, got {value}")
         if problems:
             raise ValueError("invalid DataConfig: " + "; ".join(problems))
+
+
+def data_seed(config: DataConfig) -> int:
+    """The seed of the data order: ``config.seed``, or 0 for a data config used outside a run (a run's loader fills
+    None from its top-level ``seed``)."""
+    return 0 if config.seed is None else config.seed

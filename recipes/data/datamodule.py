@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lowrank_recipes.recipes.data import sources
-from lowrank_recipes.recipes.data.config import C4_DEFAULT_VAL_TOKENS, DataConfig
+from lowrank_recipes.recipes.data.config import C4_DEFAULT_VAL_TOKENS, DataConfig, data_seed
 from lowrank_recipes.recipes.data.corpus import corpus_hash, load_corpus
 from lowrank_recipes.recipes.data.loader import RankStatefulDataLoader
 from lowrank_recipes.recipes.data.packing import PackedSequences, iter_packed, pack_tokens, split_inputs_labels
@@ -186,7 +186,7 @@ class PretrainDataModule(pl.LightningDataModule):
             c.seq_len,
             rank=rank,
             world_size=world,
-            seed=c.seed,
+            seed=data_seed(c),
             shuffle_buffer=c.shuffle_buffer,
         )
 
@@ -201,7 +201,7 @@ class PretrainDataModule(pl.LightningDataModule):
             return RankStatefulDataLoader(
                 self.train_set, batch_size=c.micro_batch_size, num_workers=c.num_workers, rank=rank, world_size=world
             )
-        sampler = GlobalBatchSampler(len(self.train_set), c.micro_batch_size, rank, world, c.seed, accumulate)
+        sampler = GlobalBatchSampler(len(self.train_set), c.micro_batch_size, rank, world, data_seed(c), accumulate)
         return StatefulDataLoader(self.train_set, batch_sampler=sampler, num_workers=c.num_workers)
 
     def val_dataloader(self) -> DataLoader:

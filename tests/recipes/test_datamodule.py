@@ -159,3 +159,23 @@ def test_distributed_sampler_must_be_off(tmp_path: Path) -> None:
     dm.setup("fit")
     sampler = dm.train_dataloader().batch_sampler
     assert (sampler.rank, sampler.world_size) == (1, 2)  # taken from the trainer
+
+
+def test_the_run_seed_varies_the_data_order_unless_data_seed_is_set(tmp_path: Path) -> None:
+    from lowrank_recipes.recipes.config import load_run_config
+
+    def first_batch(*overrides: str) -> tuple[int | None, torch.Tensor]:
+        run, _ = load_run_config("default", ["data.max_documents=12", f"data.cache_dir={tmp_path}", *overrides])
+        config = embedded_config(**{k: getattr(run.data, k) for k in ("seed", "cache_dir")})
+        return run.data.seed, next(iter(ready(config).train_dataloader()))["input_ids"]
+
+    seed0, batch0 = first_batch("seed=0")
+    seed1, batch1 = first_batch("seed=1")
+    assert (seed0, seed1) == (0, 1)
+    assert not torch.equal(batch0, batch1)  # two seeds of a run see two data orders
+    pinned_seed, pinned = first_batch("seed=1", "data.seed=0")
+    assert pinned_seed == 0 and torch.equal(pinned, batch0)  # an explicit data.seed keeps the order
+    # outside a run the data config's None means seed 0
+    assert torch.equal(
+        next(iter(ready(embedded_config(seed=None, cache_dir=str(tmp_path))).train_dataloader()))["input_ids"], batch0
+    )
