@@ -24,6 +24,7 @@ from lowrank.factory import build_optimizer
 from lowrank.overlap import OverlapMonitorOptions
 from lowrank.structured import from_mapping
 from lowrank_recipes.recipes.data.config import DataConfig
+from lowrank_recipes.recipes.data.file_check import has_document
 from lowrank_recipes.recipes.model import Llama, LlamaConfig
 
 # The shipped configs: package data of lowrank_recipes.configs (the repository's configs/ in an editable install).
@@ -349,6 +350,18 @@ def validate_run(run: RunConfig) -> None:
         missing = [f for f in getattr(d, key) or [] if not Path(f).exists()]
         if missing:
             problems.append(f"data.{key}: missing file(s) {missing}")
+        empty = [f for f in getattr(d, key) or [] if Path(f).is_file() and not has_document(f)]
+        if empty:
+            why = "no val/loss would be logged" if key == "val_files" else "nothing to train on"
+            problems.append(
+                f"data.{key}: file(s) {empty} hold no document (empty, or no record with a non-empty "
+                f"'text'): {why}; accepted: files with at least one document"
+                + (
+                    ", or no data.val_files (source 'files' then holds out every data.holdout_every-th document)"
+                    if key == "val_files" and d.source == "files"
+                    else ""
+                )
+            )
     if run.resume not in ("auto", "never") and not Path(run.resume).exists():  # a file, or a sharded (fsdp2) directory
         problems.append(f"resume: checkpoint {run.resume!r} does not exist; accepted: auto | never | a checkpoint path")
     problems += run.optimizer.problems("optimizer") + run.monitor.problems("monitor")

@@ -151,6 +151,12 @@ class PretrainDataModule(pl.LightningDataModule):
             self.tokenizer = self._load_tokenizer(train_docs if c.tokenizer == EMBEDDED else None)
         self.train_set = PackedSequences(pack_tokens(train_docs, self.tokenizer), c.seq_len)
         self.val_set = PackedSequences(pack_tokens(val_docs, self.tokenizer), c.seq_len)
+        if len(self.val_set) == 0:
+            raise ValueError(
+                f"data: the validation documents ({len(val_docs)}) give no sequence of data.seq_len={c.seq_len} "
+                "tokens, so no val/loss would be logged; accepted: more validation text (data.val_files, or a "
+                "smaller data.holdout_every), or a smaller data.seq_len"
+            )
 
     def _setup_stream(self) -> None:
         c = self.config

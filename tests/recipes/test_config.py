@@ -248,3 +248,48 @@ def test_a_tilde_in_paths_means_the_home_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     run, resolved = load_run_config("default", ["out_dir=~/runs/x"])
     assert run.out_dir == str(tmp_path / "runs" / "x") == resolved["out_dir"]
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("val.jsonl", ""),
+        ("val.jsonl", '\n{"text": ""}\n{"url": "x"}\n'),
+        ("val.txt", "  \n\n"),
+        ("val.json", '[{"text": ""}]'),
+    ],
+)
+def test_a_validation_file_without_a_document_is_refused(tmp_path, name, content):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "some training text"}\n' if name != "val.txt" else "")
+    (tmp_path / "train.txt").write_text("some training text")
+    if name == "val.txt":
+        train = tmp_path / "train.txt"
+    val = tmp_path / name
+    val.write_text(content)
+    out = tmp_path / "run"
+    overrides = ["data.source=files", f"data.train_files=[{train}]", f"data.val_files=[{val}]", f"out_dir={out}"]
+    with pytest.raises(ConfigError, match=rf"data.val_files: file\(s\) \['{val}'\] hold no document.*no val/loss"):
+        load_run_config("default", overrides)
+    assert not out.exists()
+    # one document is enough, and an empty training file is refused as well
+    val.write_text('{"text": "held-out text"}\n' if name != "val.txt" else "held-out text")
+    if name.endswith(".json"):
+        val.write_text('[{"text": "held-out text"}]')
+    load_run_config("default", overrides)
+    train.write_text("")
+    with pytest.raises(ConfigError, match=r"data.train_files: .* hold no document.*nothing to train on"):
+        load_run_config("default", overrides)
+
+
+def test_a_compressed_file_is_looked_into(tmp_path):
+    import gzip
+
+    from lowrank_recipes.recipes.data.file_check import has_document
+
+    empty, full = tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl.gz"
+    with gzip.open(empty, "wt") as f:
+        f.write('{"text": ""}\n')
+    with gzip.open(full, "wt") as f:
+        f.write('{"text": ""}\n{"text": "x", "url": "u"}\n')
+    assert (has_document(str(empty)), has_document(str(full))) == (False, True)

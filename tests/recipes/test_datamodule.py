@@ -179,3 +179,19 @@ def test_the_run_seed_varies_the_data_order_unless_data_seed_is_set(tmp_path: Pa
     assert torch.equal(
         next(iter(ready(embedded_config(seed=None, cache_dir=str(tmp_path))).train_dataloader()))["input_ids"], batch0
     )
+
+
+def test_validation_text_too_short_for_one_sequence_is_refused(tmp_path: Path) -> None:
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(json.dumps({"text": f"document {i} " * 200}) + "\n" for i in range(4)))
+    val.write_text(json.dumps({"text": "hi"}) + "\n")
+    config = DataConfig(
+        source="files",
+        train_files=[str(train)],
+        val_files=[str(val)],
+        vocab_size=SMALL_VOCAB,
+        seq_len=32,
+        cache_dir=str(tmp_path),
+    )
+    with pytest.raises(ValueError, match="give no sequence of data.seq_len=32 tokens, so no val/loss"):
+        ready(config)
