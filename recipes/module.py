@@ -95,10 +95,48 @@ class LlamaPretrainModule(pl.LightningModule):
         max_steps = self.hparams.max_steps
         lr_lambda = WarmupCosine(round(sched["warmup_fraction"] * max_steps), max_steps, sched["min_lr_ratio"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        # what the config says; a resumed checkpoint's scheduler state replaces it until on_train_start
+        self._configured_schedule = ([group["initial_lr"] for group in optimizer.param_groups], dict(vars(lr_lambda)))
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
         }
+
+    def on_train_start(self) -> None:
+        self.apply_configured_schedule()
+
+    def apply_configured_schedule(self) -> list[tuple[str, float, float]]:
+        """Makes the learning-rate schedule the config's at the restored step; returns (group, lr before, lr after)
+        for the groups whose lr changed.
+
+        Restoring a checkpoint brings back its ``LambdaLR`` state (base lrs and the ``WarmupCosine`` horizon) and
+        its groups' lrs, so a resumed run whose ``optimizer.lr``, ``trainer.max_steps`` or ``schedule.*`` changed
+        would silently follow the old schedule. Here the base lrs and the multiplier are set back to the configured
+        ones and each group's lr becomes ``base_lr * factor(s)`` at the scheduler's step s. Unchanged config (or a
+        fresh run): nothing changes.
+        """
+        configured = getattr(self, "_configured_schedule", None)
+        scheduler = self.lr_schedulers() if self._trainer is not None else None
+        if configured is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return []
+        base_lrs, multiplier = configured
+        functions = {id(fn): fn for fn in scheduler.lr_lambdas}.values()
+        if list(scheduler.base_lrs) == base_lrs and all(vars(fn) == multiplier for fn in functions):
+            return []
+        for fn in functions:
+            fn.__dict__.update(multiplier)
+        step, groups = scheduler.last_epoch, scheduler.optimizer.param_groups
+        changed = []
+        for i, (group, base, fn) in enumerate(zip(groups, base_lrs, scheduler.lr_lambdas)):
+            before, group["initial_lr"], group["lr"] = group["lr"], base, base * fn(step)
+            if group["lr"] != before:
+                changed.append((str(group.get("name", f"group{i}")), before, group["lr"]))
+        scheduler.base_lrs = list(base_lrs)
+        scheduler._last_lr = [group["lr"] for group in groups]
+        if changed:
+            lrs = ", ".join(f"{name} {before:.6g} -> {after:.6g}" for name, before, after in changed)
+            rank_zero_info(f"resume: the learning-rate schedule follows the config from step {step}: lr {lrs}")
+        return changed
 
     def on_fit_start(self) -> None:
         logger = self.logger

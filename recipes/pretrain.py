@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return fit(run, resolved)
-    except RunLockedError as err:  # another run holds out_dir: nothing was written
+    except (RunLockedError, ConfigError) as err:  # another run holds out_dir, or a refused change on resume: nothing
+        # was written
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:  # every rank agreed; the last good checkpoint is untouched

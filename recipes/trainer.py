@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from lowrank_recipes.callbacks import (
 from lowrank_recipes.recipes.config import RunConfig
 from lowrank_recipes.recipes.data.datamodule import PretrainDataModule
 from lowrank_recipes.recipes.module import LlamaPretrainModule, module_kwargs
+from lowrank_recipes.recipes.resume_config import CONFIG_KEY, check_resume
 from lowrank_recipes.recipes.run_lock import run_lock
 
 
@@ -144,14 +146,33 @@ def resume_path(run: RunConfig) -> str | None:
     return str(last) if last.is_file() or last.is_dir() else None  # a directory: FSDP2's sharded checkpoint
 
 
+class RunConfigInCheckpoint(pl.Callback):
+    """Stores the run's resolved config in every checkpoint (under ``resume_config.CONFIG_KEY``, plain data), so that
+    a resumed run can tell what changed before its Trainer is built."""
+
+    def __init__(self, resolved: dict[str, Any]) -> None:
+        self.resolved = copy.deepcopy(resolved)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[CONFIG_KEY] = copy.deepcopy(self.resolved)
+
+
 def fit(run: RunConfig, resolved: dict[str, Any], callbacks: list[pl.Callback] | None = None) -> int:
-    """Runs the recipe; ``out_dir`` is locked for the run (:mod:`lowrank_recipes.recipes.run_lock`)."""
+    """Runs the recipe; ``out_dir`` is locked for the run (:mod:`lowrank_recipes.recipes.run_lock`). A resumed run's
+    config is first compared with its checkpoint's (:mod:`lowrank_recipes.recipes.resume_config`): a refused change
+    raises ``ConfigError`` before anything is written."""
     with run_lock(run.out_dir):
+        checkpoint = resume_path(run)
+        changes = check_resume(checkpoint, resolved) if checkpoint is not None else []
         rank_zero_info("resolved config:\n" + yaml.safe_dump(resolved, sort_keys=False))
+        for line in changes:
+            rank_zero_info(line)
         save_resolved_config(run.out_dir, resolved)
         pl.seed_everything(run.seed, workers=True)
         datamodule = PretrainDataModule(run.data)
         module = LlamaPretrainModule(**module_kwargs(run))
-        trainer = build_trainer(run, callbacks)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(run))
+        trainer = build_trainer(run, [RunConfigInCheckpoint(resolved), *(callbacks or [])])
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
     return 0
