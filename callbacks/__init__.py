@@ -18,6 +18,7 @@ Usage::
     trainer = Trainer(callbacks=[SubspaceResampler(), SubspaceOverlapMonitor()], ...)
 """
 
+from lowrank_recipes.callbacks.atomic_checkpoint import AtomicModelCheckpoint, CheckpointWriteError
 from lowrank_recipes.callbacks.finite_loss import FiniteLossGuard, NonFiniteError
 from lowrank_recipes.callbacks.overlap_monitor import SubspaceOverlapMonitor
 from lowrank_recipes.callbacks.per_layer import PerLayerUpdates
@@ -26,6 +27,8 @@ from lowrank_recipes.callbacks.state_precision import OptimizerStatePrecision
 from lowrank_recipes.callbacks.subscriber import RefreshSubscriber
 
 __all__ = [
+    "AtomicModelCheckpoint",
+    "CheckpointWriteError",
     "FiniteLossGuard",
     "NonFiniteError",
     "OptimizerStatePrecision",

@@ -35,7 +35,7 @@ PRECISIONS: tuple[str, ...] = ("32-true", "32", "bf16-mixed", "bf16-true")
 # "fsdp2" is Lightning's ModelParallelStrategy (data parallel only) with ``fully_shard`` on each decoder layer and
 # the root (``LlamaPretrainModule.configure_model``): row-sharded DTensor weights, projected on the right.
 STRATEGIES: tuple[str, ...] = ("auto", "single_device", "ddp", "ddp_spawn", "fsdp2")
-# "sharded": one file per rank in a ``last.ckpt/`` directory (torch.distributed.checkpoint), fsdp2 only; "full": one
+# "sharded": one file per rank in a ``step=N.ckpt/`` directory (torch.distributed.checkpoint), fsdp2 only; "full": one
 # ``torch.load``-able file, gathered on rank 0 (the only format of the other strategies); "auto": sharded under fsdp2,
 # full otherwise (resolved to one of the two by ``load_run_config``).
 CHECKPOINT_FORMATS: tuple[str, ...] = ("auto", "sharded", "full")
@@ -130,7 +130,8 @@ class RunConfig:
         out_dir: where TensorBoard logs, checkpoints and the resolved config go.
         seed: seeds model init and, unless ``data.seed`` / ``optimizer.lowrank.seed`` are set, the data order and
             the subspace draws.
-        resume: "auto" (``out_dir/checkpoints/last.ckpt`` if it exists), "never", or a checkpoint path.
+        resume: "auto" (``out_dir/checkpoints/last.ckpt`` if it exists and passes a cheap check, else the newest
+            step checkpoint that does), "never", or a checkpoint path.
     """
 
     # The former ``subspace`` section: its schedule keys joined optimizer.refresh, its monitor keys the monitor section.

@@ -39,13 +39,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # lightning, datasets, torchdata: imported only once the config is known to be good
     from lowrank_recipes.callbacks import NonFiniteError
+    from lowrank_recipes.recipes.checkpoints import NoUsableCheckpointError
     from lowrank_recipes.recipes.run_lock import RunLockedError
     from lowrank_recipes.recipes.trainer import fit
 
     try:
         return fit(run, resolved)
-    except (RunLockedError, ConfigError) as err:  # another run holds out_dir, or a refused change on resume: nothing
-        # was written
+    except (RunLockedError, ConfigError, NoUsableCheckpointError) as err:  # another run holds out_dir, a refused
+        # change on resume, or resume=auto found only broken checkpoints: nothing was written
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:  # every rank agreed; the last good checkpoint is untouched

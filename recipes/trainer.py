@@ -10,17 +10,19 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import yaml
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lowrank_recipes.callbacks import (
+    AtomicModelCheckpoint,
     FiniteLossGuard,
     OptimizerStatePrecision,
     PerLayerUpdates,
     SubspaceOverlapMonitor,
     SubspaceResampler,
 )
+from lowrank_recipes.recipes.checkpoints import resume_checkpoint
 from lowrank_recipes.recipes.config import RunConfig
 from lowrank_recipes.recipes.data.datamodule import PretrainDataModule
 from lowrank_recipes.recipes.module import LlamaPretrainModule, module_kwargs
@@ -82,7 +84,8 @@ def build_trainer(run: RunConfig, callbacks: list[pl.Callback] | None = None) ->
     t = run.trainer
     out = Path(run.out_dir)
     accumulate = accumulation(run)
-    checkpoint = ModelCheckpoint(
+    # Atomic step checkpoints; last.ckpt is a link to the newest, repointed atomically (callbacks/atomic_checkpoint.py).
+    checkpoint = AtomicModelCheckpoint(
         dirpath=out / "checkpoints",
         filename="step={step:06d}",
         auto_insert_metric_name=False,
@@ -137,13 +140,19 @@ def save_resolved_config(out_dir: str, resolved: dict[str, Any]) -> Path:
 
 
 def resume_path(run: RunConfig) -> str | None:
-    """The checkpoint to resume from: an explicit path, ``last.ckpt`` under ``resume=auto``, or None."""
+    """The checkpoint to resume from: an explicit path; under ``resume=auto``, in ``out_dir/checkpoints``,
+    ``last.ckpt`` if it passes the cheap check of :mod:`lowrank_recipes.recipes.checkpoints`, else the newest step
+    checkpoint that does (said in a warning naming both), None when there is no checkpoint at all; raises
+    ``NoUsableCheckpointError`` naming every path checked when none passes."""
     if run.resume == "never":
         return None
     if run.resume != "auto":
         return run.resume
-    last = Path(run.out_dir) / "checkpoints" / "last.ckpt"
-    return str(last) if last.is_file() or last.is_dir() else None  # a directory: FSDP2's sharded checkpoint
+    choice = resume_checkpoint(Path(run.out_dir) / "checkpoints")
+    if choice.fell_back:
+        bad = "; ".join(f"{path} is unusable ({problem})" for path, problem in choice.rejected.items())
+        rank_zero_warn(f"resume=auto: {bad}; resuming from {choice.path}, the newest checkpoint that passes the check")
+    return None if choice.path is None else str(choice.path)
 
 
 class RunConfigInCheckpoint(pl.Callback):

@@ -17,6 +17,8 @@ what fsdp2 forces) runs in this process. Global batch 8, micro-batch 4; ``update
   fsdp2 default) and from its full single-file ``last.ckpt`` (``trainer.checkpoint_format=full``: gathered on rank 0
   through ``get_optimizer_state_dict(full_state_dict=True)``, restored by ``set_optimizer_state_dict`` with
   ``broadcast_from_rank0``).
+* ``last.ckpt`` is a link to the newest step checkpoint (a sharded directory, or a full file), and every checkpoint
+  passes the cheap completeness check of ``resume=auto`` (``recipes/checkpoints.py``).
 * The full checkpoints load with ``torch.load(weights_only=True)`` and hold whole (unsharded) weights and optimizer
   state; the one of step 6 resumes in a single process (no FSDP2) and repeats the 1-process reference's steps 7-12
   (measured: bitwise).
@@ -24,11 +26,14 @@ what fsdp2 forces) runs in this process. Global batch 8, micro-batch 4; ``update
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+from lowrank_recipes.recipes.checkpoints import checkpoint_problem
 
 from .launch import RUN_MARKS, STEPS, STOP_AT, _max_diff, _record, checkpoint_bases, run_in_process, run_matrix
 
@@ -97,6 +102,16 @@ def test_fsdp2_killed_and_resumed_run_repeats_the_uninterrupted_one(runs: Path, 
         assert state["global_step"] == STEPS
         for key in ("bases", "weights"):
             assert _max_diff(state[key], full[key]) == 0, (key, _max_diff(state[key], full[key]))
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_fsdp2_last_checkpoint_links_the_newest_complete_step(runs: Path, split: str) -> None:
+    directory = runs / split / "checkpoints"
+    names = sorted(p.name for p in directory.iterdir())
+    assert names == ["last.ckpt", "step=000003.ckpt", "step=000006.ckpt", "step=000009.ckpt", "step=000012.ckpt"]
+    assert os.readlink(directory / "last.ckpt") == "step=000012.ckpt"
+    assert all(checkpoint_problem(directory / name) is None for name in names)
+    assert all((directory / name).is_dir() == (split == "split") for name in names)
 
 
 def test_fsdp2_full_checkpoints_are_whole_and_load_weights_only(runs: Path) -> None:
