@@ -10,6 +10,8 @@ time, watch and log it.
 * :class:`RefreshSubscriber`: base of any callback that wants every refresh's records (the monitor is one).
 * :class:`PerLayerUpdates`: steps each weight inside backward (lowrank.per_layer), freeing its gradient at once.
 * :class:`FiniteLossGuard`: stops the run at the first non-finite loss, before the optimizer step (ranks agree).
+* :class:`GracefulStop`: on SIGTERM or SIGINT, saves the step's checkpoint at the next optimizer-step boundary and
+  stops with :class:`RunStopped` (exit status 143 / 130); a second Ctrl+C stops at once.
 * :class:`OptimizerStatePrecision`: checks that the strategy can hold bf16 / 8-bit optimizer states and converts a
   resumed checkpoint's states to the run's precision.
 
@@ -20,6 +22,7 @@ Usage::
 
 from lowrank_recipes.callbacks.atomic_checkpoint import AtomicModelCheckpoint, CheckpointWriteError
 from lowrank_recipes.callbacks.finite_loss import FiniteLossGuard, NonFiniteError
+from lowrank_recipes.callbacks.graceful_stop import GracefulStop, RunStopped
 from lowrank_recipes.callbacks.overlap_monitor import SubspaceOverlapMonitor
 from lowrank_recipes.callbacks.per_layer import PerLayerUpdates
 from lowrank_recipes.callbacks.resampler import SubspaceResampler
@@ -30,10 +33,12 @@ __all__ = [
     "AtomicModelCheckpoint",
     "CheckpointWriteError",
     "FiniteLossGuard",
+    "GracefulStop",
     "NonFiniteError",
     "OptimizerStatePrecision",
     "PerLayerUpdates",
     "RefreshSubscriber",
+    "RunStopped",
     "SubspaceOverlapMonitor",
     "SubspaceResampler",
 ]

@@ -9,7 +9,9 @@
 resolved config is printed and saved in ``out_dir``; TensorBoard logs go to ``out_dir/tensorboard`` and checkpoints
 to ``out_dir/checkpoints`` (``resume=auto`` continues from ``last.ckpt`` there: a directory with fsdp2's default sharded
 checkpoints, a file otherwise). Configuration errors are reported in one paragraph before anything is written (exit 2);
-a non-finite loss stops the run before that step's update, keeping the last good checkpoint (exit 3).
+a non-finite loss stops the run before that step's update, keeping the last good checkpoint (exit 3); SIGTERM or
+SIGINT save the step's checkpoint at the next optimizer-step boundary and stop (exit 143 / 130; a second Ctrl+C stops
+at once).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     # lightning, datasets, torchdata: imported only once the config is known to be good
-    from lowrank_recipes.callbacks import NonFiniteError
+    from lowrank_recipes.callbacks import NonFiniteError, RunStopped
     from lowrank_recipes.recipes.checkpoints import NoUsableCheckpointError
     from lowrank_recipes.recipes.run_lock import RunLockedError
     from lowrank_recipes.recipes.trainer import fit
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as err:  # every rank agreed; the last good checkpoint is untouched
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except RunStopped as err:  # SIGTERM / SIGINT: every rank stopped at the same step boundary
+        print(f"stopped: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

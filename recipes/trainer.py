@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from lowrank_recipes.callbacks import (
     AtomicModelCheckpoint,
     FiniteLossGuard,
+    GracefulStop,
     OptimizerStatePrecision,
     PerLayerUpdates,
+    RunStopped,
     SubspaceOverlapMonitor,
     SubspaceResampler,
 )
@@ -113,6 +116,7 @@ def build_trainer(run: RunConfig, callbacks: list[pl.Callback] | None = None) ->
         callbacks=[
             FiniteLossGuard(),  # first: a non-finite loss stops the step before any other callback works on it
             checkpoint,
+            GracefulStop(),  # SIGTERM / SIGINT: save at the next step boundary through `checkpoint`, exit 143 / 130
             LearningRateMonitor(logging_interval="step"),
             # train/device/items_per_sec is tokens/s per device (length_fn counts tokens), a rolling mean over 10
             # optimizer steps.
@@ -183,5 +187,16 @@ def fit(run: RunConfig, resolved: dict[str, Any], callbacks: list[pl.Callback] |
         datamodule = PretrainDataModule(run.data)
         module = LlamaPretrainModule(**module_kwargs(run))
         trainer = build_trainer(run, [RunConfigInCheckpoint(resolved), *(callbacks or [])])
-        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+        except SystemExit:  # Lightning's exits: KeyboardInterrupt (a second Ctrl+C), its own SIGTERM exit
+            stop = next((cb for cb in trainer.callbacks if isinstance(cb, GracefulStop)), None)
+            if stop is None or stop.stopped_by is None:
+                raise
+            name = signal.Signals(stop.stopped_by).name
+            raise RunStopped(
+                stop.stopped_by,
+                f"stopped by {name} during optimizer step {trainer.global_step + 1}; resume=auto continues from the "
+                "last saved checkpoint",
+            ) from None
     return 0

@@ -1,0 +1,200 @@
+"""``GracefulStop``: SIGTERM or SIGINT stop a run at the next optimizer-step boundary, after saving ``last.ckpt``.
+
+A cluster scheduler's SIGTERM (pre-emption, time limit) or a Ctrl+C would otherwise lose everything since the last
+periodic checkpoint, and Lightning's own SIGTERM handling ends the run after the current *micro-batch* with exit
+status 0. This callback builds on that handling rather than competing with it:
+
+* SIGTERM: Lightning's signal connector receives it (and forwards it to the ranks its launcher started) and sets its
+  ``received_sigterm`` flag, on which Lightning's loops would end the run after the current micro-batch. While
+  training runs the callback defers that flag: the connector's setter records the request in the callback and its
+  getter reads False (a subclass of the connector's class, swapped in at ``on_train_start`` and back when training
+  ends), so the remaining micro-batches of the optimizer step still run and no rank leaves early.
+* SIGINT: while training runs, the callback's handler (installed in ``on_train_start``, after Lightning registered
+  its own handlers, removed when training ends) records the first Ctrl+C and prints what happens next; a second one
+  raises ``KeyboardInterrupt`` at once, which Lightning handles (no checkpoint is saved) and which ends as exit 130.
+* At an optimizer-step boundary (the ``on_train_batch_end`` after the step) the ranks agree with one all-reduce (max
+  of the requests; several ranks only), every rank saves the step's checkpoint through the ``ModelCheckpoint``
+  (``save_now`` of ``AtomicModelCheckpoint``, so ``last.ckpt`` points at it) and raises :class:`RunStopped` with exit
+  status 128 + signal: 143 for SIGTERM, 130 for SIGINT. The recipe returns that status; resume with ``resume=auto``.
+
+Finishing the current optimizer step can take long with a large gradient accumulation (it runs every remaining
+micro-batch); a scheduler's grace period between SIGTERM and SIGKILL (SLURM's ``KillWait``, Kubernetes'
+``terminationGracePeriodSeconds``) must cover one optimizer step plus one checkpoint save.
+
+A SIGTERM before training starts (while the checkpoint is restored, say) is Lightning's to handle: the run ends after
+its first micro-batch, with status 143 and nothing new saved.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+
+
+class RunStopped(RuntimeError):
+    """The run stopped on a signal; ``exit_code`` is 128 + the signal number (130 SIGINT, 143 SIGTERM)."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+class GracefulStop(Callback):
+    """Saves ``last.ckpt`` and stops at the next optimizer-step boundary after SIGTERM or SIGINT (module docstring).
+
+    After the run, ``stopped_by`` is the signal that stopped it (also set when a second SIGINT interrupted it at
+    once, or when Lightning ended it on SIGTERM itself), else None.
+    """
+
+    def __init__(self) -> None:
+        self.requested: int = 0  # the signal number asked for on this rank, 0: none
+        self.stopped_by: int | None = None
+        self._stepped = False  # an optimizer step ran since the last micro-batch ended
+        self._at_boundary = True  # the last finished micro-batch ended an optimizer step
+        self._previous_sigint: Any = None
+        self._installed = False
+        self._connector: tuple[Any, type] | None = None  # (Lightning's signal connector, its own class) while deferring
+
+    # ------------------------------------------------------------------------------------------------ SIGINT
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested == signal.SIGINT:  # the second Ctrl+C: no waiting, no checkpoint
+            self._uninstall()
+            raise KeyboardInterrupt
+        self.requested = signal.SIGINT
+        print(
+            "\nSIGINT: saving last.ckpt at the end of this optimizer step, then stopping (exit 130); press Ctrl+C "
+            "again to stop at once without saving",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _install(self) -> None:
+        if threading.current_thread() is threading.main_thread() and not self._installed:
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+            self._installed = True
+
+    def _uninstall(self) -> None:
+        if self._installed and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._installed = False
+
+    # --------------------------------------------------------------------------------------------- the hooks
+    # ------------------------------------------------------------------------------------------------ SIGTERM
+    def _defer_sigterm(self, trainer: pl.Trainer) -> None:
+        """Swaps the signal connector's class for one whose ``received_sigterm`` records into this callback."""
+        connector = trainer._signal_connector
+        if self._connector is not None:
+            return
+        callback, base = self, type(connector)
+
+        class _Deferred(base):  # type: ignore[misc, valid-type]
+            @property
+            def received_sigterm(self) -> bool:
+                return False  # Lightning's loops keep going; GracefulStop stops at the step boundary
+
+            @received_sigterm.setter
+            def received_sigterm(self, value: bool) -> None:
+                if value:
+                    callback.requested = signal.SIGTERM
+
+        if connector.__dict__.pop("received_sigterm", False):
+            self.requested = signal.SIGTERM
+        connector.__class__ = _Deferred
+        self._connector = (connector, base)
+
+    def _restore_sigterm(self) -> None:
+        if self._connector is not None:
+            connector, base = self._connector
+            connector.__class__ = base
+            connector.__dict__["received_sigterm"] = False
+            self._connector = None
+
+    # --------------------------------------------------------------------------------------------- the hooks
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.requested, self.stopped_by, self._stepped, self._at_boundary = 0, None, False, True
+        self._install()
+        self._defer_sigterm(trainer)
+
+    def _release(self) -> None:
+        self._uninstall()
+        self._restore_sigterm()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._stepped = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._at_boundary, self._stepped = self._stepped, False
+        if not self._at_boundary:
+            return
+        agreed = self._agree(trainer, self.requested)
+        if not agreed:
+            return
+        path = save_checkpoint_now(trainer)
+        self.stopped_by = agreed
+        self._release()
+        where = f"saved {path}" if path else "no ModelCheckpoint: nothing saved"
+        raise RunStopped(
+            agreed,
+            f"stopped by {NAMES.get(agreed, agreed)} after optimizer step {trainer.global_step} ({where}); continue "
+            "with resume=auto",
+        )
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release()
+        if isinstance(exception, KeyboardInterrupt):
+            self.stopped_by = signal.SIGINT
+        elif isinstance(exception, SystemExit) and trainer.received_sigterm:  # Lightning's own exit, before training
+            self.stopped_by = signal.SIGTERM
+
+    @staticmethod
+    def _agree(trainer: pl.Trainer, requested: int) -> int:
+        """The signal any rank asked for (max over ranks; one all-reduce when there are several), 0 if none."""
+        if trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return requested
+        flag = torch.tensor([requested], dtype=torch.int32, device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def save_checkpoint_now(trainer: pl.Trainer) -> str | None:
+    """Saves the current step through the trainer's ``ModelCheckpoint`` (every rank calls this): its ``save_now``
+    when it has one (the step's checkpoint, ``last.ckpt`` pointing at it), else ``last.ckpt`` in its folder."""
+    checkpoint = trainer.checkpoint_callback
+    if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.dirpath is None:
+        rank_zero_warn("GracefulStop: the trainer has no ModelCheckpoint with a folder; nothing is saved")
+        return None
+    save_now = getattr(checkpoint, "save_now", None)
+    if callable(save_now):
+        return str(save_now(trainer))
+    path = str(Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}")
+    trainer.save_checkpoint(path)
+    return path
