@@ -6,6 +6,7 @@ agree (marked multiprocess)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,34 +107,41 @@ def _start(out: Path, *overrides: str) -> subprocess.Popen:
     )
 
 
-def _wait_for_training(proc: subprocess.Popen, out: Path, timeout: float = 120) -> None:
-    """Until the run has logged a few optimizer steps (TensorBoard's event file grows with train/loss)."""
+def _wait_for_training(proc: subprocess.Popen, out: Path, timeout: float = 600) -> None:
+    """Until the run has trained and saved its first periodic checkpoint (``checkpoint_every_n_steps=2``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        events = list((out / "tensorboard").glob("events.out.tfevents.*"))
-        if events and events[0].stat().st_size > 4000:
+        if (out / "checkpoints" / "last.ckpt").exists():
             return
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         time.sleep(0.2)
     proc.kill()
-    pytest.fail("the run did not start training in time")
+    pytest.fail(f"the run saved no checkpoint within {timeout} s")
+
+
+def _stopped_at(output: str, name: str) -> int:
+    """The step of the recipe's closing line ``stopped: stopped by NAME after optimizer step N (saved ...)``."""
+    pattern = rf"stopped: stopped by {name} after optimizer step (\d+) \(saved .*continue with resume=auto"
+    match = re.search(pattern, output)
+    assert match, output[-3000:]
+    return int(match.group(1))
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_the_recipe_exits_with_128_plus_the_signal_after_saving_a_whole_step(tmp_path, signum, code):
     out = tmp_path / "run"
-    proc = _start(out, "trainer.max_steps=100000")  # 4 micro-batches a step
+    proc = _start(out, "trainer.max_steps=100000", "trainer.checkpoint_every_n_steps=2")  # 4 micro-batches a step
     _wait_for_training(proc, out)
     proc.send_signal(signum)
-    output = proc.communicate(timeout=120)[0]
+    output = proc.communicate(timeout=300)[0]
     assert proc.returncode == code, output[-3000:]
-    assert "stopped: stopped by" in output and "continue with resume=auto" in output, output[-2000:]
+    step = _stopped_at(output, signal.Signals(signum).name)
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     processed = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
-    assert checkpoint["global_step"] >= 1 and processed == 4 * checkpoint["global_step"]
+    assert checkpoint["global_step"] == step >= 2 and processed == 4 * step
     # and it resumes from there
     resumed = _start(out, f"trainer.max_steps={checkpoint['global_step'] + 2}")
-    output = resumed.communicate(timeout=120)[0]
+    output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output[-3000:]
     assert (
         torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == checkpoint["global_step"] + 2
@@ -144,11 +152,13 @@ def test_the_recipe_exits_with_128_plus_the_signal_after_saving_a_whole_step(tmp
 def test_two_ddp_ranks_agree_on_the_stop_after_sigterm_to_the_launching_process(tmp_path):
     out = tmp_path / "run"
     # 2 ranks x 2 micro-batches each per step of 16 sequences; SIGTERM only to rank 0, which Lightning forwards
-    proc = _start(out, "trainer.max_steps=100000", "trainer.devices=2", "trainer.strategy=ddp")
-    _wait_for_training(proc, out, timeout=180)
+    ddp = ("trainer.devices=2", "trainer.strategy=ddp")
+    proc = _start(out, "trainer.max_steps=100000", "trainer.checkpoint_every_n_steps=2", *ddp)
+    _wait_for_training(proc, out)
     proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=180)[0]
+    output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 143, output[-3000:]
+    step = _stopped_at(output, "SIGTERM")
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     processed = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
-    assert checkpoint["global_step"] >= 1 and processed == 2 * checkpoint["global_step"]
+    assert checkpoint["global_step"] == step >= 2 and processed == 2 * step
