@@ -18,6 +18,14 @@ time, watch and log it.
 Usage::
 
     trainer = Trainer(callbacks=[SubspaceResampler(), SubspaceOverlapMonitor()], ...)
+
+Resuming: a checkpoint restores the optimizer (bases, moments, step counter, draw seed) and every callback's state, so
+the refreshes and draws repeat the uninterrupted run's. The run as a whole repeats it only if the data does: exact
+resume needs a resumable data loader, such as torchdata's ``StatefulDataLoader`` (Lightning saves its position in the
+checkpoint; resumed mid-epoch bit-exactly in ``tests/callbacks/test_data_resume.py``; let it shuffle with its own
+generator: a ``generator=`` argument is not part of its saved state in torchdata 0.11, so the epochs after the resumed
+one would be shuffled differently); a plain shuffled ``DataLoader`` resumes with another order (in a foreign project
+the losses then differed from the uninterrupted run's by up to 0.235).
 """
 
 from lowrank_recipes.callbacks.atomic_checkpoint import AtomicModelCheckpoint, CheckpointWriteError

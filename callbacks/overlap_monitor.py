@@ -18,17 +18,19 @@ weights of this refresh; with staggering (one slice of layers per refresh) it ke
 zigzagging between slices.
 
 * ``lowrank/overlap/<module_type>`` and ``lowrank/overlap/mean``: mean overlap of the weights of that module type
-  (the second-to-last component of the parameter name: ``q_proj`` ... ``down_proj``, ``fc1`` for ``fc1.weight``),
-  and of all of them;
+  (:func:`lowrank.names.module_types` over the optimizer's low-rank parameters: the leaf module, ``q_proj`` ...
+  ``down_proj``, ``fc1`` for ``fc1.weight``, with its parent components where leaves collide: GPT-2's
+  ``attn.c_proj`` and ``mlp.c_proj``), and of all of them;
 * ``lowrank/overlap_chance/<module_type>``, ``lowrank/overlap_chance/mean``: the mean r/d of the same weights;
 * ``lowrank/overlap_normalized/<module_type>``, ``lowrank/overlap_normalized/mean``: the mean normalised overlap;
 * with ``per_layer=True``, ``lowrank/overlap_layer/<parameter name>`` for each weight refreshed at this step
   (wrapper prefixes such as ``_orig_mod.`` removed, as in :func:`lowrank.normalize_param_name`).
 
 Every ``image_interval`` refreshes (and at the end of training) a picture (``lowrank/overlap_heatmap``, see
-:mod:`lowrank_recipes.callbacks.overlap_figure`) goes to every logger whose ``experiment`` has ``add_image``
-(TensorBoard); other loggers are skipped silently. When ``lowrank/overlap_normalized/mean`` is above
-``frozen_threshold`` at ``frozen_patience`` consecutive refreshes it warns once that the subspace is frozen.
+:mod:`lowrank_recipes.callbacks.overlap_figure`; each module type with its own chance level) goes to every logger
+whose ``experiment`` has ``add_image`` (TensorBoard); other loggers are skipped silently. When
+``lowrank/overlap_normalized/mean`` is above ``frozen_threshold`` at ``frozen_patience`` consecutive refreshes it warns
+once that the subspace is frozen.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from typing_extensions import override
 
 from lowrank import RefreshRecord, normalize_param_name
 from lowrank.checks import raise_problems
-from lowrank.overlap import OverlapMonitorOptions, layer_label, module_type, overlap_metrics
+from lowrank.names import layer_label, lowrank_param_names, module_types
+from lowrank.overlap import OverlapMonitorOptions, chance_by_type, overlap_metrics
 from lowrank_recipes.callbacks.overlap_figure import render_overlap_figure
 from lowrank_recipes.callbacks.subscriber import RefreshSubscriber
 
@@ -83,9 +86,15 @@ class SubspaceOverlapMonitor(RefreshSubscriber):
         self.warned_frozen = False
         self._latest: dict[str, tuple[float, float]] = {}  # parameter name -> (latest overlap, chance)
         self._history: list[tuple[int, dict[str, float]]] = []  # (step, module type -> mean overlap)
-        self._chance: float | None = None
+        self._names: list[str] = []  # every low-rank parameter's name: module types are told apart among them
         self._drawn_at = -1  # num_refreshes when the last picture was drawn
         self._images_disabled = False
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        names = lowrank_param_names(self.lowrank_optimizer.param_groups)
+        self._names = [normalize_param_name(name) for name in names]
 
     @rank_zero_only
     def on_refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule, records: list[RefreshRecord]) -> None:
@@ -94,7 +103,7 @@ class SubspaceOverlapMonitor(RefreshSubscriber):
         if not fresh:
             return
         self._latest.update(fresh)
-        metrics = overlap_metrics(self._latest)
+        metrics = overlap_metrics(self._latest, self._names)
         if self.per_layer:
             metrics.update({f"lowrank/overlap_layer/{name}": overlap for name, (overlap, _) in fresh.items()})
         step = max(r.step for r in records)
@@ -119,7 +128,6 @@ class SubspaceOverlapMonitor(RefreshSubscriber):
             "warned_frozen": self.warned_frozen,
             "latest": {name: list(pair) for name, pair in self._latest.items()},
             "history": [[step, dict(values)] for step, values in self._history],
-            "chance": self._chance,
         }
 
     @override
@@ -129,7 +137,6 @@ class SubspaceOverlapMonitor(RefreshSubscriber):
         self.warned_frozen = bool(state_dict.get("warned_frozen", False))
         self._latest = {name: (float(o), float(c)) for name, (o, c) in state_dict.get("latest", {}).items()}
         self._history = [(int(step), dict(values)) for step, values in state_dict.get("history", [])]
-        self._chance = state_dict.get("chance")
         self._drawn_at = self.num_refreshes
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -139,7 +146,6 @@ class SubspaceOverlapMonitor(RefreshSubscriber):
         self._history.append((step, means))
         if len(self._history) > _MAX_HISTORY:
             self._history = self._history[::2]
-        self._chance = metrics["lowrank/overlap_chance/mean"]
 
     def _check_frozen(self, metrics: dict[str, float], step: int) -> None:
         value = metrics.get("lowrank/overlap_normalized/mean")
@@ -163,9 +169,11 @@ class SubspaceOverlapMonitor(RefreshSubscriber):
         writers = [w for w in writers if callable(getattr(w, "add_image", None))]
         if not writers or not self._latest:
             return
-        cells = {(layer_label(name), module_type(name)): overlap for name, (overlap, _) in self._latest.items()}
+        types = module_types({*self._latest, *self._names})
+        cells = {(layer_label(name), types[name]): overlap for name, (overlap, _) in self._latest.items()}
+        chances = chance_by_type(self._latest, self._names)
         try:
-            image = render_overlap_figure(cells, self._history, self._chance, step)
+            image = render_overlap_figure(cells, self._history, chances, step)
         except ImportError:
             self._images_disabled = True
             rank_zero_warn(

@@ -3,20 +3,22 @@
 Entry points: :func:`build_optimizer` (model + config -> optimizer, with its group table as ``.group_table``),
 :class:`LowRankOptimizer` (the update rule is in its module docstring), :class:`RefreshSchedule` (when bases refresh),
 :class:`LowRankOptions` (every group option and its default), ``SELECTORS`` (subspace rules),
-:func:`subspace_overlap`.
+:func:`subspace_overlap`, :func:`module_types` (unique module type labels), :func:`resolve_seed` (the draws' run
+seed).
 """
 
 from lowrank.bases import BASES, BaseSpec, register_base
 from lowrank.compact_adamw import CompactAdamW
 from lowrank.config import DEFAULT_TARGETS, STATE_PRECISIONS, LowRankConfig, OptimizerConfig, optimizer_config_from_dict
-from lowrank.factory import GroupTable, TableRow, build_optimizer
+from lowrank.factory import GROUP_NAMES, GroupTable, TableRow, build_optimizer
 from lowrank.moment_storage import convert_state
 from lowrank.moments import MOMENT_POLICIES
+from lowrank.names import module_types
 from lowrank.optimizer import DueRefresh, LowRankOptimizer, RefreshListener
 from lowrank.options import LOWRANK_DEFAULTS, LowRankOptions
 from lowrank.projector import SIDES, back_project, chance_overlap, project, resolve_side, subspace_overlap
 from lowrank.quantization import dequantize_blockwise, quantize_blockwise
-from lowrank.randomness import draw_generator, normalize_param_name
+from lowrank.randomness import draw_generator, normalize_param_name, resolve_seed
 from lowrank.records import RefreshRecord
 from lowrank.sampling import importance_indices
 from lowrank.schedule import RefreshSchedule
@@ -36,6 +38,7 @@ __all__ = [
     "dequantize_blockwise",
     "quantize_blockwise",
     "DEFAULT_TARGETS",
+    "GROUP_NAMES",
     "GroupTable",
     "LOWRANK_DEFAULTS",
     "LowRankConfig",
@@ -53,11 +56,13 @@ __all__ = [
     "draw_generator",
     "importance_indices",
     "make_selector",
+    "module_types",
     "normalize_param_name",
     "optimizer_config_from_dict",
     "project",
     "register_base",
     "register_selector",
+    "resolve_seed",
     "resolve_side",
     "subspace_overlap",
 ]

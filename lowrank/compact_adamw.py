@@ -47,6 +47,7 @@ from lowrank.moment_storage import (
     zero_moment,
 )
 from lowrank.quantization import rows_view_shape
+from lowrank.regroup import regroup_by_name
 
 STORAGE_KEYS: tuple[str, ...] = ("state_precision", "min_8bit_size", "block_size")  # group keys kept on load
 CPU_CHUNK_SIZE = 1 << 20  # 4 MiB of float32 per temporary: fewer Python-level chunk iterations (measured fastest)
@@ -168,7 +169,9 @@ class CompactAdamW(torch.optim.Optimizer):
         """torch's loading with two differences. Moments keep their stored dtype (torch would cast uint8 codes and
         bf16 moments to the parameter's dtype). The storage options (``STORAGE_KEYS``) are configuration, not state:
         this optimizer's values win over the checkpoint's, and the loaded moments are converted to them, so a
-        checkpoint saved with one precision resumes with another."""
+        checkpoint saved with one precision resumes with another. A state dict of another group layout of the same
+        named parameters is matched by name first (:mod:`lowrank.regroup`)."""
+        state_dict = regroup_by_name(self, state_dict) or state_dict
         saved = state_dict["state"]
         steps_only = {index: {k: v for k, v in entry.items() if k == "step"} for index, entry in saved.items()}
         storage = [{key: group[key] for key in STORAGE_KEYS} for group in self.param_groups]

@@ -13,9 +13,11 @@ from typing import Any, ClassVar
 
 from lowrank.bases import BASES
 from lowrank.checks import check, is_number, join_accepted, raise_problems
+from lowrank.decay import no_decay_problems
 from lowrank.options import LowRankOptions, lowrank_problems
 from lowrank.schedule import RefreshSchedule
 from lowrank.structured import from_mapping
+from lowrank.vocabulary import CONFIG_KEYS, METHOD_NAMES, hint
 
 OPTIMIZER_NAMES: tuple[str, ...] = ("adamw", "lowrank")
 STATE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "8bit")
@@ -33,7 +35,9 @@ class LowRankConfig(LowRankOptions):
 
     Attributes:
         rank: r, the subspace dimension of every low-rank weight (60M: 128, 130M/350M: 256, 1B: 512, 7B: 1024).
-        seed: run seed of the draws (lowrank.randomness); None means 0 here, and the recipe fills in its run seed.
+        seed: run seed of the draws (lowrank.randomness). None: Lightning's global seed when
+            ``lightning.seed_everything`` set it (``PL_GLOBAL_SEED``), else 0 (``lowrank.randomness.resolve_seed``;
+            the group table says which); the recipe fills in its run seed.
         base: base optimizer on the projected gradients: adamw, adam, adafactor (``optimizer.state_precision`` picks
             adamw's bf16 or 8-bit variant, adamw_bf16 / adamw8bit, which may also be named here directly).
         targets: regular expressions (``re.search`` on parameter names); a 2-D parameter matching any goes low-rank.
@@ -42,6 +46,7 @@ class LowRankConfig(LowRankOptions):
     """
 
     MOVED_KEYS: ClassVar[dict[str, str]] = {
+        **CONFIG_KEYS,  # GaLore's words (lowrank.vocabulary)
         "update_gap": "optimizer.refresh.update_gap (the refresh schedule has its own section)",
         "oversampling": "optimizer.lowrank.selector_options.<rule>.oversampling (e.g. randomized_importance)",
         "power_iters": "optimizer.lowrank.selector_options.<rule>.power_iters (e.g. randomized_importance)",
@@ -54,9 +59,8 @@ class LowRankConfig(LowRankOptions):
 
     def options(self) -> dict[str, Any]:
         """The :class:`LowRankOptions` fields but ``rank`` (set on the low-rank group only), as the optimizer's
-        group defaults (seed None -> 0)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(LowRankOptions) if f.name != "rank"}
-        return {**values, "seed": self.seed or 0}
+        group defaults (seed None stays None: the optimizer resolves it, ``lowrank.randomness.resolve_seed``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(LowRankOptions) if f.name != "rank"}
 
 
 @dataclasses.dataclass
@@ -68,7 +72,13 @@ class OptimizerConfig:
         lr: learning rate of the plain group; low-rank weights move by lr * alpha (GaLore: 0.01; AdamW: tune).
         betas: Adam's (beta1, beta2).
         eps: Adam's epsilon; 1e-6 is what the reference runs used (its script never set it, the library default).
-        weight_decay: decoupled weight decay (0 in the reference runs).
+        weight_decay: decoupled weight decay (0 in the reference runs, and in every shipped config). It applies to
+            the parameters with two or more dimensions (every matrix: projections, embeddings, output head) whose name
+            matches no ``no_decay`` pattern; norms and biases (1-D) never decay (``lowrank.decay``). Parameters that do
+            not decay sit in groups of their own, ``plain_no_decay`` (and ``lowrank_no_decay``), with weight decay 0.
+        no_decay: regular expressions (``re.search`` on parameter names) of further parameters without weight decay,
+            e.g. ``["embed_tokens", "lm_head"]`` to exempt the embeddings and the head; each must match at least one
+            parameter (an error otherwise: a typo would silently decay).
         state_precision: storage of Adam's moments: fp32 (torch AdamW), bf16, or 8bit (block-wise dynamic
             quantization, lowrank.quantization; tensors under 4096 elements stay fp32). Applies to the low-rank
             moments and the plain group's alike.
@@ -77,11 +87,14 @@ class OptimizerConfig:
             max_steps, split_across_ranks), used when ``name`` is lowrank. Reference runs: update_gap 200 (7B: 500).
     """
 
+    MOVED_KEYS: ClassVar[dict[str, str]] = dict(CONFIG_KEYS)  # GaLore's words given at the top (lowrank.vocabulary)
+
     name: str = "lowrank"
     lr: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
     weight_decay: float = 0.0
+    no_decay: list[str] = dataclasses.field(default_factory=list)
     state_precision: str = "fp32"
     lowrank: LowRankConfig = dataclasses.field(default_factory=LowRankConfig)
     refresh: RefreshSchedule = dataclasses.field(default_factory=RefreshSchedule)
@@ -105,7 +118,10 @@ def _problems(cfg: OptimizerConfig, prefix: str) -> list[str]:
     low, lp = cfg.lowrank, f"{prefix}.lowrank"
     betas_ok = len(cfg.betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in cfg.betas)
     problems = [
-        *check(cfg.name in OPTIMIZER_NAMES, f"{prefix}.name", cfg.name, join_accepted(OPTIMIZER_NAMES)),
+        *[
+            found + hint(METHOD_NAMES, cfg.name)
+            for found in check(cfg.name in OPTIMIZER_NAMES, f"{prefix}.name", cfg.name, join_accepted(OPTIMIZER_NAMES))
+        ],
         *check(is_number(cfg.lr) and cfg.lr > 0, f"{prefix}.lr", cfg.lr, "a finite number > 0"),
         *check(betas_ok, f"{prefix}.betas", cfg.betas, "two numbers in [0, 1)"),
         *check(is_number(cfg.eps) and cfg.eps > 0, f"{prefix}.eps", cfg.eps, "a number > 0"),
@@ -115,6 +131,7 @@ def _problems(cfg: OptimizerConfig, prefix: str) -> list[str]:
             cfg.weight_decay,
             "a number >= 0",
         ),
+        *no_decay_problems(cfg.no_decay, f"{prefix}.no_decay"),
         *check(
             cfg.state_precision in STATE_PRECISIONS,
             f"{prefix}.state_precision",

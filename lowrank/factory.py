@@ -1,13 +1,24 @@
-"""``build_optimizer(model, config)``: which parameters go low-rank, the optimizer, and the group table.
+"""``build_optimizer(model, config)``: which parameters go low-rank, which decay, the optimizer, and the group table.
 
 Rule: a parameter goes low-rank when it is 2-D and its name matches one of ``config.lowrank.targets`` (regular
 expressions, ``re.search``, first match wins; default: the q, k, v, o, gate, up and down projections). Everything
-else (embeddings, output head, norms, biases) is the plain group with the base optimizer at the full learning rate.
+else (embeddings, output head, norms, biases) is plain: the base optimizer at the full learning rate. A parameter
+decays when it has two or more dimensions and matches no ``config.no_decay`` pattern (:mod:`lowrank.decay`).
+
+Groups, in this order, each present when it has a parameter (``name`` labels them, e.g. in Lightning's
+LearningRateMonitor: ``train/lr/lowrank``, ``train/lr/plain``, ``train/lr/plain_no_decay``):
+
+* ``lowrank``: the low-rank weights (``rank`` set), with ``weight_decay``;
+* ``lowrank_no_decay``: low-rank weights a ``no_decay`` pattern names, weight decay 0;
+* ``plain``: the other parameters with two or more dimensions (embeddings, head), with ``weight_decay``;
+* ``plain_no_decay``: norms, biases and what a ``no_decay`` pattern names, weight decay 0.
+
+``name: adamw`` has the last two. A state dict saved with the former layout (``lowrank``, ``plain``: norms decayed
+with the rest) still loads, matched by parameter name (:mod:`lowrank.regroup`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -18,55 +29,17 @@ from torch import nn
 from lowrank.bases import BASES
 from lowrank.compact_adamw import CompactAdamW
 from lowrank.config import PRECISION_BASES, OptimizerConfig, optimizer_config_from_dict
+from lowrank.decay import NO_DECAY_SUFFIX, decays, unmatched
+from lowrank.names import module_types
 from lowrank.optimizer import LowRankOptimizer
 from lowrank.projector import basis_dim, projected_shape, resolve_side
+from lowrank.randomness import resolve_seed
+from lowrank.regroup import regroup_by_name
+from lowrank.table import GroupTable, TableRow
 
+__all__ = ["GROUP_NAMES", "GroupTable", "TableRow", "build_optimizer"]
 
-@dataclasses.dataclass(frozen=True)
-class TableRow:
-    """One parameter in the group table. ``rank``, ``side`` and ``pattern`` are None for the plain group."""
-
-    name: str
-    shape: tuple[int, ...]
-    group: str
-    rank: int | None
-    side: str | None
-    pattern: str | None
-    state_bytes: int
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupTable:
-    """Which parameter went where, with the optimizer state it will hold (moments and bases)."""
-
-    rows: tuple[TableRow, ...]
-
-    def state_bytes(self, group: str | None = None) -> int:
-        return sum(row.state_bytes for row in self.rows if group is None or row.group == group)
-
-    def __str__(self) -> str:
-        header = ("parameter", "shape", "group", "rank", "side", "state MiB")
-        lines = [header] + [
-            (
-                r.name,
-                "x".join(map(str, r.shape)),
-                r.group,
-                str(r.rank or "-"),
-                r.side or "-",
-                f"{r.state_bytes / 2**20:.3f}",
-            )
-            for r in self.rows
-        ]
-        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-        text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
-        text.insert(1, "  ".join("-" * w for w in widths))
-        low = [r for r in self.rows if r.group == "lowrank"]
-        text.append(
-            f"{len(low)} low-rank / {len(self.rows) - len(low)} plain parameters; optimizer state "
-            f"{self.state_bytes() / 2**20:.2f} MiB (low-rank {self.state_bytes('lowrank') / 2**20:.2f}, "
-            f"plain {self.state_bytes('plain') / 2**20:.2f})"
-        )
-        return "\n".join(text)
+GROUP_NAMES: tuple[str, ...] = ("lowrank", "lowrank" + NO_DECAY_SUFFIX, "plain", "plain" + NO_DECAY_SUFFIX)
 
 
 def _base_options(cfg: OptimizerConfig, base: str) -> dict[str, Any]:
@@ -100,30 +73,81 @@ def _assign(named: list[tuple[str, nn.Parameter]], targets: list[str]) -> dict[s
     return chosen
 
 
+def _decay(named: list[tuple[str, nn.Parameter]], cfg: OptimizerConfig) -> dict[str, bool]:
+    """name -> whether it decays; a ``no_decay`` pattern that matches no parameter is an error."""
+    unused = unmatched(cfg.no_decay, [name for name, _ in named])
+    if unused:
+        sample = ", ".join(name for name, _ in named[:6])
+        raise ValueError(
+            f"optimizer.no_decay: pattern(s) {unused} match no parameter; parameter names look like: {sample}, ...; "
+            "accepted: regular expressions that match at least one parameter name"
+        )
+    return {name: decays(name, param, cfg.no_decay) for name, param in named}
+
+
+def _groups(
+    named: list[tuple[str, nn.Parameter]], lowrank: set[str], decay: dict[str, bool], cfg: OptimizerConfig
+) -> list[dict[str, Any]]:
+    """The optimizer's groups (module docstring), in ``GROUP_NAMES`` order, empty ones left out."""
+    members: dict[str, list[tuple[str, nn.Parameter]]] = {name: [] for name in GROUP_NAMES}
+    for name, param in named:
+        kind = "lowrank" if name in lowrank else "plain"
+        members[kind if decay[name] else kind + NO_DECAY_SUFFIX].append((name, param))
+    groups = []
+    for group_name, params in members.items():
+        if not params:
+            continue
+        group = {
+            "params": [p for _, p in params],
+            "param_names": [n for n, _ in params],
+            "name": group_name,
+            "weight_decay": 0.0 if group_name.endswith(NO_DECAY_SUFFIX) else cfg.weight_decay,
+        }
+        if group_name.startswith("lowrank"):
+            group["rank"] = cfg.lowrank.rank
+        groups.append(group)
+    return groups
+
+
+def _group_of(groups: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: group for group in groups for name in group["param_names"]}
+
+
 def build_optimizer(model: nn.Module, config: OptimizerConfig | Mapping[str, Any]) -> torch.optim.Optimizer:
-    """Builds the configured optimizer over ``model``'s trainable parameters.
+    """Builds the configured optimizer over ``model``'s trainable parameters, in the groups of the module docstring.
 
     Returns:
         The optimizer (``torch.optim.AdamW`` for ``name: adamw`` (or :class:`CompactAdamW` with compact states),
         else :class:`LowRankOptimizer` on the ``optimizer.refresh`` schedule), ready to be returned from a
         LightningModule's ``configure_optimizers``. Its ``group_table`` attribute (:class:`GroupTable`) says which
-        parameter went where, to log at start-up.
+        parameter went where, which decay, and the draw seed, to log at start-up.
     """
     cfg = optimizer_config_from_dict(config)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model has no trainable parameters")
+    decay = _decay(named, cfg)
     if cfg.name == "adamw":
         # fp32: torch's own AdamW, the reference baseline; bf16 / 8bit: the same update with compact moments.
-        groups = [{"params": [p for _, p in named], "param_names": [n for n, _ in named], "name": "plain"}]
+        groups = _groups(named, set(), decay, cfg)
         hyper = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
         if cfg.state_precision == "fp32":
             optimizer = torch.optim.AdamW(groups, **hyper)
+            optimizer.register_load_state_dict_pre_hook(regroup_by_name)  # CompactAdamW regroups by itself
         else:
             optimizer = CompactAdamW(groups, state_precision=cfg.state_precision, **hyper)
-        spec = BASES[PRECISION_BASES.get(cfg.state_precision, "adamw")]
+        spec, owner = BASES[PRECISION_BASES.get(cfg.state_precision, "adamw")], _group_of(groups)
         rows = [
-            TableRow(n, tuple(p.shape), "plain", None, None, None, spec.estimate_state_bytes(tuple(p.shape), p.dtype))
+            TableRow(
+                n,
+                tuple(p.shape),
+                owner[n]["name"],
+                None,
+                None,
+                None,
+                spec.estimate_state_bytes(tuple(p.shape), p.dtype),
+                owner[n]["weight_decay"],
+            )
             for n, p in named
         ]
         optimizer.group_table = GroupTable(tuple(rows))
@@ -140,31 +164,20 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | Mapping[str, Any
             )
     base = cfg.base_name()
     spec = BASES[base]
-    rows, lowrank_named, plain_named = [], [], []
+    seed = resolve_seed(low.seed)
+    groups = _groups(named, set(chosen), decay, cfg)
+    owner, types = _group_of(groups), module_types(chosen)
+    rows = []
     for name, param in named:
-        shape = tuple(param.shape)
+        shape, group = tuple(param.shape), owner[name]
         if name in chosen:
             side = resolve_side(shape, low.side)
             moments = spec.estimate_state_bytes(projected_shape(shape, side, low.rank), param.dtype)
             basis = basis_dim(shape, side) * low.rank * param.element_size()
-            rows.append(TableRow(name, shape, "lowrank", low.rank, side, chosen[name], moments + basis))
-            lowrank_named.append((name, param))
+            state, where = moments + basis, (low.rank, side, chosen[name])
         else:
-            rows.append(TableRow(name, shape, "plain", None, None, None, spec.estimate_state_bytes(shape, param.dtype)))
-            plain_named.append((name, param))
-    groups = [
-        # "name" labels the groups in Lightning's LearningRateMonitor (train/lr/lowrank, train/lr/plain).
-        {
-            "params": [p for _, p in lowrank_named],
-            "param_names": [n for n, _ in lowrank_named],
-            "rank": low.rank,
-            "name": "lowrank",
-        },
-    ]
-    if plain_named:
-        groups.append(
-            {"params": [p for _, p in plain_named], "param_names": [n for n, _ in plain_named], "name": "plain"}
-        )
+            state, where = spec.estimate_state_bytes(shape, param.dtype), (None, None, None)
+        rows.append(TableRow(name, shape, group["name"], *where, state, group["weight_decay"], types.get(name)))
     optimizer = LowRankOptimizer(
         groups,
         lr=cfg.lr,
@@ -172,7 +185,7 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | Mapping[str, Any
         base=base,
         base_options=_base_options(cfg, base),
         schedule=cfg.refresh,
-        **low.options(),
+        **{**low.options(), "seed": seed.value},
     )
-    optimizer.group_table = GroupTable(tuple(rows))
+    optimizer.group_table = GroupTable(tuple(rows), seed.value, seed.source)
     return optimizer

@@ -77,11 +77,13 @@ from lowrank.fira import fira_residual
 from lowrank.moments import apply_moment_policy
 from lowrank.options import LOWRANK_DEFAULTS, OPTION_NAMES, lowrank_problems
 from lowrank.projector import add_back_projected_, orient, placeholder_basis, project, projected_shape, resolve_side
-from lowrank.randomness import draw_generator
+from lowrank.randomness import draw_generator, resolve_seed
 from lowrank.records import RefreshRecord
+from lowrank.regroup import regroup_by_name
 from lowrank.schedule import RefreshSchedule, as_schedule
 from lowrank.selectors import SubspaceSelector, make_selector, selector_problems
 from lowrank.split_refresh import SplitJob, run_split, world
+from lowrank.vocabulary import OPTIMIZER_OPTIONS
 
 _OWN_STATE_KEYS = ("lowrank_basis", "fira_norm")
 # Options that older versions took per group or as constructor arguments, and where they live now.
@@ -113,8 +115,29 @@ class _Todo(NamedTuple):
     selector: str
 
 
+class _Unrefreshed(NamedTuple):
+    name: str
+    step: int
+    kept_old_basis: bool  # False: a placeholder basis was installed
+
+
+def unrefreshed_message(step: int, entries: list[_Unrefreshed]) -> str:
+    """The one warning of a refresh at ``step`` that skipped ``entries``: every parameter named, grouped by what it
+    got instead (its old basis, or a placeholder)."""
+    kept = [repr(e.name) for e in entries if e.kept_old_basis]
+    placeholder = [repr(e.name) for e in entries if not e.kept_old_basis]
+    parts = [f"{', '.join(kept)}: the old basis is kept"] if kept else []
+    parts += [f"{', '.join(placeholder)}: a placeholder basis (first axes) is used"] if placeholder else []
+    return (
+        f"lowrank: the gradient of {len(entries)} parameter(s) is all zero or non-finite at step {step}, so they "
+        f"were not refreshed: {'; '.join(parts)}"
+    )
+
+
 def _moved(keys: Iterable[str], where: str) -> list[str]:
-    return [f"{where}{k}: {MOVED_OPTIONS[k]}" for k in keys if k in MOVED_OPTIONS]
+    """Options that moved (``MOVED_OPTIONS``) or are another project's word (GaLore's ``scale``, ...)."""
+    moved = [f"{where}{k}: {MOVED_OPTIONS[k]}" for k in keys if k in MOVED_OPTIONS]
+    return moved + [f"{where}{k}: {OPTIMIZER_OPTIONS[k]}" for k in keys if k in OPTIMIZER_OPTIONS]
 
 
 class LowRankOptimizer(torch.optim.Optimizer):
@@ -125,14 +148,16 @@ class LowRankOptimizer(torch.optim.Optimizer):
             ``weight_decay``, the base's own hyperparameters and ``param_names`` (names seed the draws and appear in
             warnings and records).
         lr: learning rate.
-        weight_decay: decoupled weight decay (applied to the full weight of low-rank parameters).
+        weight_decay: decoupled weight decay (applied to the full weight of low-rank parameters); a group's own
+            ``weight_decay`` wins (:func:`lowrank.build_optimizer` gives 0 to its ``*_no_decay`` groups: norms, biases,
+            ``no_decay`` patterns; :mod:`lowrank.decay`).
         base: ``"adamw"`` (default), ``"adam"``, ``"adafactor"``, a registered name, a ``BaseSpec``, or a factory
             ``f(param_groups, **base_options) -> Optimizer``.
         base_options: keyword arguments of the base (e.g. ``betas``, ``eps``, ``foreach``).
         schedule: when bases refresh (:class:`lowrank.RefreshSchedule`, or a mapping of its fields); default: every
             200 steps, all at once, no selector switch.
         **lowrank: defaults of :class:`lowrank.LowRankOptions` for every group (``rank`` here makes every group
-            low-rank).
+            low-rank; ``seed`` None or absent: ``PL_GLOBAL_SEED``, else 0, resolved now and kept in the groups).
 
     Attributes:
         schedule: the refresh schedule (assignable: callbacks fill in ``max_steps``).
@@ -164,6 +189,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._base_keys = tuple(key for key in probe.defaults if key not in own)
         base_defaults = {key: probe.defaults[key] for key in self._base_keys}
         defaults = {**base_defaults, "lr": lr, "weight_decay": weight_decay, **LOWRANK_DEFAULTS, **lowrank}
+        defaults["seed"] = resolve_seed(defaults["seed"]).value  # None: PL_GLOBAL_SEED, else 0 (lowrank.randomness)
         self._schedule = as_schedule(schedule)
         self.group_table: Any = None
         self._stand_ins: dict[torch.Tensor, torch.Tensor] = {}
@@ -173,6 +199,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         # records waiting for the listeners (delivered after the step), the listeners.
         self._scheduled_done = False
         self._pending: list[RefreshRecord] = []
+        self._unrefreshed: list[_Unrefreshed] = []  # refreshes refused for a zero gradient: one warning per step
         self._listeners: OrderedDict[int, RefreshListener] = OrderedDict()
         # Per-layer updates (lowrank.per_layer): the active updater, whether the base groups were synced this step,
         # the ids of the parameters due this step, and where each tensor sits: param -> (group index, index in group),
@@ -204,6 +231,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             param_group["param_names"] = [f"group{index}.param{i}" for i in range(len(params))]
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if group["seed"] is None:  # a group's own seed=None: resolved like the optimizer's default
+            group["seed"] = resolve_seed(None).value
         self._validate_group(group)
         if group["rank"] is not None:
             group.setdefault("lowrank_step", 0)
@@ -343,7 +372,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
         Returns:
             One record per refreshed parameter (old and new basis, overlap). Parameters without a gradient, or with
-            an all-zero or non-finite one (a warning names them; the old basis is kept), are not refreshed.
+            an all-zero or non-finite one (one warning per refresh names them all; the old basis is kept), are not
+            refreshed.
         """
         if self.per_layer is not None:
             raise RuntimeError(
@@ -379,7 +409,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
             records = [self._refresh(t) for t in todo]
         records = [record for record in records if record is not None]
         self._pending.extend(records)
+        self._warn_unrefreshed()
         return records
+
+    def _warn_unrefreshed(self) -> None:
+        """One warning per refresh step naming every parameter it could not refresh (all-zero or non-finite
+        gradient), instead of one warning per parameter."""
+        entries, self._unrefreshed = self._unrefreshed, []
+        for step in sorted({entry.step for entry in entries}):
+            warnings.warn(unrefreshed_message(step, [e for e in entries if e.step == step]), stacklevel=4)
 
     def _resample_split(self, todo: list[_Todo]) -> list[RefreshRecord | None]:
         """A split refresh on several ranks: the selections run in ``run_split``, then every rank installs every basis
@@ -420,13 +458,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         side = _side(group, param)
         old_basis = state.get("lowrank_basis")
         if new_basis is None:
-            what = "the old basis is kept" if old_basis is not None else "a placeholder basis (first axes) is used"
             # torch.distributed.checkpoint creates a fresh optimizer's state with one lr-0 step on zero gradients
             # (every resume of a sharded checkpoint): its placeholders are expected, so that case stays silent.
             if old_basis is not None or float(group["lr"]) != 0.0:
-                warnings.warn(
-                    f"lowrank: gradient of {name!r} is all zero or non-finite at step {step}: {what}", stacklevel=4
-                )
+                self._unrefreshed.append(_Unrefreshed(name, step, old_basis is not None))
             if old_basis is None:
                 device = local(param).device
                 placeholder = placeholder_basis(param.shape, side, group["rank"], dtype=param.dtype, device=device)
@@ -483,6 +518,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._synced_this_step = False
         self._scheduled_done = False
         self._due_this_step = None
+        self._warn_unrefreshed()  # first bases in _project_grad, per-layer refreshes inside backward
         self._deliver()
         return loss
 
@@ -588,6 +624,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return {"state": merged, "param_groups": outer["param_groups"]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's loading (groups by position; a state dict of another group layout of the same named
+        parameters, e.g. the former ``lowrank``/``plain`` one, is matched by name first: :mod:`lowrank.regroup`). The
+        checkpoint's hyperparameters win, including the draw seed, so a resumed run draws what the uninterrupted run
+        would have; storage options (state precision) are this optimizer's."""
+        state_dict = regroup_by_name(self, state_dict) or state_dict
         self._pending, self._scheduled_done, self._due_this_step = [], False, None  # nothing of a step in progress
         # As torch.optim does, state keys are matched to parameters by their order in the saved groups' "params"
         # (integers here, parameter names in torch.distributed.checkpoint's FSDP2 loader).

@@ -34,7 +34,9 @@ class LowRankOptions:
         moment_policy: what the base's moments do when the basis changes: keep (GaLore), rotate, reset.
         fira: add Fira's full-rank residual.
         fira_gamma: Fira's norm-growth limit (> 1).
-        seed: run seed of the draws (lowrank.randomness).
+        seed: run seed of the draws (lowrank.randomness). None: Lightning's global seed when
+            ``lightning.seed_everything`` set it (the ``PL_GLOBAL_SEED`` environment variable), else 0; the optimizer
+            resolves it when a group is added and keeps the integer in the group (and so in its ``state_dict``).
     """
 
     rank: int | None = None
@@ -45,12 +47,13 @@ class LowRankOptions:
     moment_policy: str = "keep"
     fira: bool = False
     fira_gamma: float = 1.01
-    seed: int = 0
+    seed: int | None = None
 
 
 OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LowRankOptions))
 LOWRANK_DEFAULTS: dict[str, Any] = dataclasses.asdict(LowRankOptions())
-"""The optimizer's defaults of every group option (``rank`` None: a plain group)."""
+"""The optimizer's defaults of every group option (``rank`` None: a plain group; ``seed`` None: resolved when the
+optimizer is built)."""
 
 
 def lowrank_problems(values: Mapping[str, Any], prefix: str = "", rotatable: bool | None = None) -> list[str]:
@@ -74,7 +77,8 @@ def lowrank_problems(values: Mapping[str, Any], prefix: str = "", rotatable: boo
         )
     problems += check(isinstance(values["fira"], bool), dotted(prefix, "fira"), values["fira"], "true | false")
     problems += check(is_number(gamma) and gamma > 1, dotted(prefix, "fira_gamma"), gamma, "a number > 1")
-    problems += check(is_int(values["seed"]), dotted(prefix, "seed"), values["seed"], "an integer")
+    seed = values["seed"]
+    problems += check(seed is None or is_int(seed), dotted(prefix, "seed"), seed, "an integer, or None")
     problems += selector_problems(values["selector"], {}, dotted(prefix, "selector"))
     options = values["selector_options"]
     if not isinstance(options, Mapping):

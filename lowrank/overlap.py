@@ -7,24 +7,35 @@ normalised overlap ``(overlap - r/d) / (1 - r/d)`` reads 0 at chance and 1 when 
 no normalised value).
 
 :func:`overlap_metrics` turns ``parameter name -> (latest overlap, chance)`` into the scalars that
-``lowrank_recipes.callbacks.SubspaceOverlapMonitor`` logs; a plain training loop can do the same from a refresh
-listener::
+``lowrank_recipes.callbacks.SubspaceOverlapMonitor`` logs, by module type (:func:`lowrank.names.module_types`: unique
+labels, e.g. ``attn.c_proj`` and ``mlp.c_proj`` where two modules share the leaf ``c_proj``); a plain training loop can
+do the same from a refresh listener::
 
-    latest = {}
+    latest, names = {}, lowrank_param_names(optimizer.param_groups)
     optimizer.register_refresh_listener(
         lambda opt, records: latest.update({r.name: (r.overlap, r.chance) for r in records if r.overlap is not None}))
     ...
-    print(overlap_metrics(latest))
+    print(overlap_metrics(latest, names))
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from statistics import fmean
 
 from lowrank.checks import check, dotted, is_int, is_number
-from lowrank.randomness import normalize_param_name
+from lowrank.names import layer_label, lowrank_param_names, module_type, module_types
+
+__all__ = [
+    "OverlapMonitorOptions",
+    "chance_by_type",
+    "layer_label",
+    "lowrank_param_names",
+    "module_type",
+    "normalized_overlap",
+    "overlap_metrics",
+]
 
 
 @dataclasses.dataclass
@@ -70,32 +81,31 @@ class OverlapMonitorOptions:
         ]
 
 
-def module_type(name: str) -> str:
-    """``model.layers.0.self_attn.q_proj.weight`` -> ``q_proj``; ``fc1.weight`` -> ``fc1``; ``w`` -> ``w``."""
-    parts = normalize_param_name(name).split(".")
-    return parts[-2] if len(parts) > 1 else parts[0]
-
-
-def layer_label(name: str) -> str:
-    """The layer a weight belongs to: the name up to its last numeric component before the module
-    (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``), else its parent path, else ``model``."""
-    parts = normalize_param_name(name).split(".")[:-2]
-    numeric = [i for i, part in enumerate(parts) if part.isdigit()]
-    if numeric:
-        parts = parts[: numeric[-1] + 1]
-    return ".".join(parts) or "model"
-
-
 def normalized_overlap(overlap: float, chance: float) -> float | None:
     """(overlap - r/d) / (1 - r/d): 0 at chance, 1 when frozen; None for a full-rank weight (r = d)."""
     return None if chance >= 1.0 else (overlap - chance) / (1.0 - chance)
 
 
-def overlap_metrics(latest: Mapping[str, tuple[float, float]]) -> dict[str, float]:
-    """The aggregate scalars (module docstring) of ``parameter name -> (overlap, chance)``; empty for no entry."""
+def _by_type(latest: Mapping[str, tuple[float, float]], names: Iterable[str]) -> dict[str, list[tuple[float, float]]]:
+    types = module_types({*latest, *names})
     by_type: dict[str, list[tuple[float, float]]] = {}
     for name, pair in latest.items():
-        by_type.setdefault(module_type(name), []).append(pair)
+        by_type.setdefault(types[name], []).append(pair)
+    return by_type
+
+
+def chance_by_type(latest: Mapping[str, tuple[float, float]], names: Iterable[str] = ()) -> dict[str, float]:
+    """module type -> mean chance level r/d of its weights in ``latest`` (types as in :func:`overlap_metrics`)."""
+    return {kind: fmean(c for _, c in pairs) for kind, pairs in _by_type(latest, names).items()}
+
+
+def overlap_metrics(latest: Mapping[str, tuple[float, float]], names: Iterable[str] = ()) -> dict[str, float]:
+    """The aggregate scalars (module docstring) of ``parameter name -> (overlap, chance)``; empty for no entry.
+
+    Module types are :func:`lowrank.names.module_types` over the names of ``latest`` and ``names`` (pass every
+    low-rank parameter name, ``lowrank.names.lowrank_param_names(optimizer.param_groups)``, so that a tag does not
+    change when a weight with a colliding leaf name is first refreshed)."""
+    by_type = _by_type(latest, names)
     if latest:
         by_type["mean"] = list(latest.values())
     metrics: dict[str, float] = {}

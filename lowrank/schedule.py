@@ -30,10 +30,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from lowrank.checks import check, dotted, is_int, is_number, raise_problems
 from lowrank.selectors import selector_problems
+from lowrank.vocabulary import CONFIG_KEYS, OPTIMIZER_OPTIONS, hint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,8 @@ class RefreshSchedule:
             broadcasts them (about 1/world of the SVDs per rank, one broadcast per basis). Off: every rank computes
             every basis, no communication. Not for FSDP2 (DTensor) parameters nor per-layer updates.
     """
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"update_proj_gap": CONFIG_KEYS["update_proj_gap"]}  # GaLore's word
 
     update_gap: int = 200
     stagger: int = 1
@@ -140,7 +143,9 @@ def as_schedule(value: RefreshSchedule | Mapping[str, Any] | None) -> RefreshSch
     if isinstance(value, Mapping):
         fields = [f.name for f in dataclasses.fields(RefreshSchedule)]
         unknown = sorted(str(k) for k in value if k not in fields)
-        raise_problems("schedule", [f"unknown dotted(s) {unknown}; accepted: {', '.join(fields)}"] if unknown else [])
+        hints = "".join(hint(OPTIMIZER_OPTIONS, k) for k in unknown)
+        problems = [f"unknown key(s) {unknown}; accepted: {', '.join(fields)}{hints}"] if unknown else []
+        raise_problems("schedule", problems)
         value = RefreshSchedule(**value)
     if not isinstance(value, RefreshSchedule):
         raise ValueError(

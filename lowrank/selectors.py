@@ -35,6 +35,7 @@ import torch
 from lowrank.checks import check, dotted, is_int, join_accepted, problem
 from lowrank.sampling import importance_indices
 from lowrank.svd import randomized_svd, thin_svd
+from lowrank.vocabulary import SELECTOR_NAMES, hint
 
 
 def is_refreshable(grad: torch.Tensor) -> bool:
@@ -199,7 +200,7 @@ def selector_fields(name: str) -> tuple[str, ...]:
 def selector_problems(name: Any, options: Any = None, prefix: str = "") -> list[str]:
     """Every problem with rule ``name`` and its ``options`` (a mapping of its fields), keys under ``prefix``."""
     if not isinstance(name, str) or name not in SELECTORS:
-        return [problem(prefix or "selector", name, join_accepted(sorted(SELECTORS)))]
+        return [problem(prefix or "selector", name, join_accepted(sorted(SELECTORS))) + hint(SELECTOR_NAMES, name)]
     options = {} if options is None else options
     if not isinstance(options, Mapping):
         return [problem(dotted(prefix, "options"), options, f"a mapping of {name!r}'s options")]

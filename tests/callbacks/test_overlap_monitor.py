@@ -174,7 +174,8 @@ def test_tensorboard_receives_scalars_and_the_picture(tmp_path: Path) -> None:
 
 def test_render_handles_gaps_and_many_layers() -> None:
     cells = {(f"layers.{i}", kind): 0.5 for i in range(20) for kind in ("q_proj", "down_proj") if (i + len(kind)) % 3}
-    image = render_overlap_figure(cells, [(10, {"q_proj": 0.4}), (20, {"q_proj": 0.5, "down_proj": 0.7})], 0.25, 20)
+    history = [(10, {"q_proj": 0.4}), (20, {"q_proj": 0.5, "down_proj": 0.7})]
+    image = render_overlap_figure(cells, history, {"q_proj": 0.25, "down_proj": 0.1}, 20)
     assert image.dtype == np.uint8 and image.shape[2] == 3
 
 

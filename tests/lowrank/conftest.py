@@ -1,4 +1,6 @@
-"""Shared fixtures: a selector that returns a basis fixed by the test (registered for the test's duration)."""
+"""Shared fixtures: a selector that returns a basis fixed by the test (registered for the test's duration); no
+Lightning global seed left over from another test (``PL_GLOBAL_SEED`` seeds the draws of an optimizer without an
+explicit seed)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,12 @@ class FixedSelector(SubspaceSelector):
         d = grad.shape[0]
         basis = self.bases.get(d)
         return torch.eye(d, rank, dtype=grad.dtype) if basis is None else basis[:, :rank].clone()
+
+
+@pytest.fixture(autouse=True)
+def _no_lightning_global_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # recorded, so that teardown removes what the test set
+    monkeypatch.delenv("PL_GLOBAL_SEED")
 
 
 @pytest.fixture

@@ -220,3 +220,57 @@ def test_refresh_does_not_touch_plain_parameters_or_warn_on_healthy_gradients():
         opt.step()
     assert "lowrank_basis" not in opt.state[bias]
     torch.testing.assert_close(bias.detach(), torch.full((6,), -0.1))  # plain Adam: first step moves by lr
+
+
+# ------------------------------------------------------------------------------- zero gradients: one warning per step
+NAMES_14 = [f"layers.{i // 2}.{'q' if i % 2 == 0 else 'k'}_proj.weight" for i in range(14)]
+
+
+def _lowrank_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if str(w.message).startswith("lowrank:")]
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_one_warning_per_refresh_names_every_zero_gradient_parameter(per_layer: bool) -> None:
+    from lowrank.per_layer import enable_per_layer
+
+    weights = [nn.Parameter(torch.zeros(6, 5)) for _ in NAMES_14]
+    targets = [_grad((6, 5), i) for i in range(len(weights))]
+    opt = _opt(weights, names=NAMES_14, schedule=RefreshSchedule(update_gap=1))
+    updater = enable_per_layer(opt) if per_layer else None
+
+    def step(scale: float) -> list[str]:
+        loss = scale * sum((w * g).sum() for w, g in zip(weights, targets))  # gradient: scale * G_i
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return _lowrank_warnings(caught)
+
+    assert step(1.0) == []  # step 0: first bases
+    (message,) = step(0.0)  # step 1: every gradient is zero: one warning, not 14
+    assert "of 14 parameter(s) is all zero or non-finite at step 1" in message
+    assert message.count("_proj.weight") == 14 and all(repr(name) in message for name in NAMES_14)
+    assert message.endswith("the old basis is kept")
+    if updater is not None:
+        updater.remove()
+
+
+def test_first_step_placeholders_and_kept_bases_share_the_one_warning() -> None:
+    a, b, c = (nn.Parameter(torch.zeros(6, 5)) for _ in range(3))
+    opt = _opt([a, b, c], names=["a.weight", "b.weight", "c.weight"], schedule=RefreshSchedule(update_gap=1))
+    a.grad, b.grad, c.grad = _grad((6, 5), 1), _grad((6, 5), 2), torch.zeros(6, 5)
+    with pytest.warns(UserWarning) as caught:
+        opt.step()  # c has no basis and a zero gradient: placeholder
+    assert _lowrank_warnings(caught.list) == [
+        "lowrank: the gradient of 1 parameter(s) is all zero or non-finite at step 0, so they were not refreshed: "
+        "'c.weight': a placeholder basis (first axes) is used"
+    ]
+    a.grad, b.grad, c.grad = torch.zeros(6, 5), torch.full((6, 5), float("nan")), _grad((6, 5), 3)
+    with pytest.warns(UserWarning) as caught:
+        opt.step()
+    assert _lowrank_warnings(caught.list) == [
+        "lowrank: the gradient of 2 parameter(s) is all zero or non-finite at step 1, so they were not refreshed: "
+        "'a.weight', 'b.weight': the old basis is kept"
+    ]

@@ -126,7 +126,14 @@ def test_plain_adamw_is_torch_adamw_with_all_parameters():
     opt = build_optimizer(net, {"name": "adamw", "lr": 1e-3, "eps": 1e-8})
     table = opt.group_table
     assert type(opt) is torch.optim.AdamW
-    assert {row.group for row in table.rows} == {"plain"}
+    groups = {row.name: row.group for row in table.rows}
+    assert groups == {
+        "q_proj.weight": "plain",
+        "up_proj.weight": "plain",
+        "norm.weight": "plain_no_decay",  # 1-D: no weight decay
+        "norm.bias": "plain_no_decay",
+    }
+    assert [g["name"] for g in opt.param_groups] == ["plain", "plain_no_decay"]
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
 
 
@@ -228,8 +235,8 @@ def test_build_optimizer_returns_an_optimizer_with_its_group_table(name):
         assert groups == {
             "q_proj.weight": "lowrank",
             "up_proj.weight": "lowrank",
-            "norm.weight": "plain",
-            "norm.bias": "plain",
+            "norm.weight": "plain_no_decay",
+            "norm.bias": "plain_no_decay",
         }
     else:
-        assert set(groups.values()) == {"plain"}
+        assert set(groups.values()) == {"plain", "plain_no_decay"}
