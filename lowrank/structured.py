@@ -1,9 +1,11 @@
 """Dataclass configs from plain mappings (YAML, OmegaConf containers, dicts), with errors people can act on.
 
 :func:`from_mapping` builds a (possibly nested) dataclass, and for the first problem it meets raises a ValueError
-that names the full key (``optimizer.lowrank.rank``), and either the closest accepted key (for a typo), the key's new
-place (for a key listed in the dataclass's ``MOVED_KEYS``) or the expected type (for a wrong type). Semantic checks
-(ranges, choices) are the dataclasses' own ``validate``.
+that names the full key (``optimizer.lowrank.rank``), and either the key's new place (for a key listed in the
+dataclass's ``MOVED_KEYS``), the full key of a wrongly nested one (``lowrank.rank`` given at the top: the known keys
+anywhere in the schema built by the outermost call that end with the same dotted suffix, ``optimizer.lowrank.rank``),
+the closest accepted key (for a typo), or the expected type (for a wrong type). Semantic checks (ranges, choices) are
+the dataclasses' own ``validate``.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+# The dataclass (and its key prefix) that the outermost `from_mapping` call builds: where a wrongly nested key is
+# looked up.
+_Root = tuple[type, str]
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, root: _Root | None = None) -> Any:
     """``value`` checked against annotation ``tp`` (ints are accepted where floats are expected)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -31,7 +37,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                     return None
                 continue
             try:
-                return _coerce(value, option, key)
+                return _coerce(value, option, key, root)
             except ValueError as err:
                 errors.append(err)
         raise errors[0] if errors else ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -42,7 +48,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ValueError(
                 f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}"
             )
-        return from_mapping(tp, value, key)
+        return _build(tp, value, key, root or (tp, key))
     if origin in (list, tuple):
         if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
             raise ValueError(f"{key}: expected a list, got {value!r}")
@@ -51,9 +57,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(items) != len(args):
                 raise ValueError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(items, args)))
+            return tuple(_coerce(v, a, f"{key}[{i}]", root) for i, (v, a) in enumerate(zip(items, args)))
         inner = args[0] if args else Any
-        coerced = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(items)]
+        coerced = [_coerce(v, inner, f"{key}[{i}]", root) for i, v in enumerate(items)]
         return tuple(coerced) if origin is tuple else coerced
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
@@ -86,8 +92,57 @@ def _raise_if_moved(cls: type, key: str, value: Any, full: str) -> None:
         raise ValueError("; ".join(inner))
 
 
+def _dataclasses_in(tp: Any) -> list[type]:
+    """The dataclasses an annotation holds: itself, or the dataclass options of a union (``X | None``)."""
+    if dataclasses.is_dataclass(tp):
+        return [tp]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [option for option in typing.get_args(tp) if dataclasses.is_dataclass(option)]
+    return []
+
+
+def _schema_keys(cls: type, prefix: str) -> list[str]:
+    """Every dotted key of dataclass ``cls`` under ``prefix``, sections and the keys of nested dataclasses included."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        full = f"{prefix}.{f.name}" if prefix else f.name
+        keys.append(full)
+        for inner in _dataclasses_in(hints[f.name]):
+            keys += _schema_keys(inner, full)
+    return keys
+
+
+def _dotted(key: str, value: Any) -> list[str]:
+    """The dotted leaf keys an entry spells: ``lowrank: {rank: 4}`` gives ``lowrank.rank``; a scalar, its key."""
+    if isinstance(value, Mapping) and value:
+        return [leaf for sub, inner in value.items() for leaf in _dotted(f"{key}.{sub}", inner)]
+    return [key]
+
+
+def _placed_elsewhere(root: _Root, key: str, value: Any) -> list[str]:
+    """Known keys of the root schema that end with a dotted suffix of the unknown entry's leaf keys (the longest
+    suffix that matches: ``lowrank.rank``, else ``rank``), else with its key alone: where a wrongly nested key
+    belongs. At most three, the shallowest first."""
+    known = _schema_keys(*root)
+    leaves = [leaf.split(".") for leaf in _dotted(key, value)]
+    longest = max(len(parts) for parts in leaves)
+    candidates = [[".".join(p[-n:]) for p in leaves if len(p) >= n] for n in range(longest, 0, -1)]
+    for suffixes in (*candidates, [key]):
+        found = [k for k in known if any(k == s or k.endswith(f".{s}") for s in suffixes)]
+        if found:
+            return sorted(found, key=lambda k: k.count("."))[:3]
+    return []
+
+
 def from_mapping(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     """Builds dataclass ``cls`` from ``data``; keys absent from ``data`` keep their defaults."""
+    return _build(cls, data, prefix, (cls, prefix))
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str, root: _Root) -> Any:
     if not isinstance(data, Mapping):
         raise ValueError(f"{prefix}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -97,10 +152,15 @@ def from_mapping(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields or not fields[key].init:
             _raise_if_moved(cls, key, value, full)
+            elsewhere = _placed_elsewhere(root, str(key), value)
             close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+            if elsewhere:
+                options = ", ".join(elsewhere[:-1]) + " or " if len(elsewhere) > 1 else ""
+                hint = f" (did you mean {options}{elsewhere[-1]}?)"
+            else:
+                hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
             raise ValueError(f"unknown key {full}{hint}; accepted: {', '.join(fields)}")
-        values[key] = _coerce(value, hints[key], full)
+        values[key] = _coerce(value, hints[key], full, root)
     missing = [
         name
         for name, f in fields.items()

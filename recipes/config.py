@@ -23,13 +23,23 @@ from lowrank.config import OptimizerConfig
 from lowrank.factory import build_optimizer
 from lowrank.overlap import OverlapMonitorOptions
 from lowrank.structured import from_mapping
-from lowrank_recipes.recipes.data.config import DataConfig
-from lowrank_recipes.recipes.data.file_check import has_document
+from lowrank_recipes.recipes.checkpoints import checkpoint_problem
+from lowrank_recipes.recipes.data.config import EMBEDDED, DataConfig
+from lowrank_recipes.recipes.data.file_check import FileReport, preflight
+from lowrank_recipes.recipes.data.formats import file_kind, kinds_problem
 from lowrank_recipes.recipes.model import Llama, LlamaConfig
 
 # The shipped configs: package data of lowrank_recipes.configs (the repository's configs/ in an editable install).
 CONFIG_DIR = Path(str(files("lowrank_recipes.configs")))
 PRECISIONS: tuple[str, ...] = ("32-true", "32", "bf16-mixed", "bf16-true")
+# Lightning accelerators the recipe runs on; "gpu" is CUDA (or Apple's MPS), "auto" picks what the machine has.
+ACCELERATORS: tuple[str, ...] = ("auto", "cpu", "gpu", "cuda", "mps")
+# Per-layer updates step each weight inside backward: one device, a single-device strategy (callbacks/per_layer.py).
+PER_LAYER_STRATEGIES: tuple[str, ...] = ("auto", "single_device")
+# The smallest embedded BPE: 256 byte symbols, the end-of-document token and one merge (tokenizer.train_bpe).
+MIN_EMBEDDED_VOCAB = 258
+# How config values spell an OmegaConf interpolation that resolves.
+INTERPOLATIONS = "a plain value, ${other.key} naming a key of the config, or ${oc.env:NAME} / ${oc.env:NAME,default}"
 # FSDP1 ("fsdp") hands the optimizer flattened 1-D views and DeepSpeed flattens parameters: no 2-D gradient to
 # project. Both are refused with an explanation.
 # "fsdp2" is Lightning's ModelParallelStrategy (data parallel only) with ``fully_shard`` on each decoder layer and
@@ -73,7 +83,8 @@ class TrainerConfig:
             global_batch_size / (data.micro_batch_size * devices * num_nodes), which must be a whole number.
         devices: devices per node (an int, or "auto").
         num_nodes: nodes.
-        accelerator: "auto", "cpu", "gpu", ...
+        accelerator: auto | cpu | gpu | cuda | mps; gpu/cuda/mps must be present on the machine ("auto" runs on the
+            CPU when there is no GPU).
         strategy: auto | single_device | ddp | ddp_spawn | fsdp2 (Lightning's ModelParallelStrategy with
             ``fully_shard`` per decoder layer and on the root; needs optimizer.lowrank.side right or auto, fp32
             optimizer states and no per-layer updates).
@@ -81,7 +92,8 @@ class TrainerConfig:
             the reference runs).
         gradient_clip_val: global-norm clipping; None = off (reference: off below 7B, 1.0 at 7B).
         val_every_n_steps: validation interval in optimizer steps.
-        limit_val_batches: validation micro-batches per rank per validation; None = the whole validation set.
+        limit_val_batches: validation micro-batches per rank per validation (an integer >= 0; 0 turns validation
+            off); None = the whole validation set.
         log_every_n_steps: logging interval in optimizer steps.
         checkpoint_every_n_steps: periodic checkpoint interval in optimizer steps (``last.ckpt`` is kept too).
         checkpoint_format: auto | sharded | full. ``sharded`` (fsdp2 only): every rank writes its shards into a
@@ -92,9 +104,10 @@ class TrainerConfig:
             otherwise (the other strategies only write full files, so ``sharded`` is refused there). The resolved
             config holds the concrete format.
         per_layer_updates: step each weight inside backward and free its gradient at once (lowrank optimizer, one
-            device, no accumulation, no gradient_clip_val; subspaces then refresh inside backward on the same
+            device with strategy auto or single_device, no accumulation: global_batch_size = micro_batch_size, no
+            gradient_clip_val; subspaces then refresh inside backward on the same
             optimizer.refresh schedule, and the overlap monitor still logs them).
-        per_layer_clip_norm: per-parameter gradient-norm clipping with per-layer updates; None = off.
+        per_layer_clip_norm: per-parameter gradient-norm clipping with per-layer updates (a number > 0); None = off.
     """
 
     max_steps: int = 800
@@ -183,7 +196,10 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     except (OmegaConfBaseException, Exception) as err:  # yaml.YAMLError and friends
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"--config: {path} is not valid YAML ({first})") from None
-    container = OmegaConf.to_container(loaded, resolve=True) if loaded is not None else None
+    try:
+        container = OmegaConf.to_container(loaded, resolve=True) if loaded is not None else None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"--config: {path}: {_resolution_problem(err)}") from None
     if not isinstance(container, dict):
         raise ConfigError(
             f"--config: {path} must hold a mapping of sections (model, data, ...), got {type(container).__name__}"
@@ -197,9 +213,21 @@ def _merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, An
             raise ConfigError(f"override {item!r} is not of the form key=value (for example trainer.max_steps=100)")
     try:
         merged = OmegaConf.merge(OmegaConf.create(data), OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as err:
         raise ConfigError(f"overrides {overrides}: {str(err).splitlines()[0]}") from None
+    try:
+        return OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"overrides: {_resolution_problem(err)}") from None
+
+
+def _resolution_problem(err: OmegaConfBaseException) -> str:
+    """An interpolation that does not resolve (``${oops}``, ``${env:X}``, an unset ``${oc.env:X}``) as ``key:
+    problem; accepted: ...``."""
+    key = getattr(err, "full_key", None) or "a value"
+    cause = (getattr(err, "msg", None) or str(err)).strip().splitlines()[0]
+    hint = " (OmegaConf spells it ${oc.env:NAME})" if "interpolation type env" in cause else ""
+    return f"{key}: its interpolation does not resolve ({cause}){hint}; accepted: {INTERPOLATIONS}"
 
 
 def load_run_config(config: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, dict[str, Any]]:
@@ -229,6 +257,8 @@ def load_run_config(config: str, overrides: list[str] | tuple[str, ...] = ()) ->
 def _expand_user_paths(run: RunConfig) -> None:
     """``~`` in paths means the home folder, as in a shell (``out_dir=~/x`` would otherwise write into ``./~/x``)."""
     run.out_dir = os.path.expanduser(run.out_dir)
+    if run.data.tokenizer.startswith("~"):
+        run.data.tokenizer = os.path.expanduser(run.data.tokenizer)
     if run.resume not in ("auto", "never"):
         run.resume = os.path.expanduser(run.resume)
     for key in ("train_files", "val_files"):
@@ -336,6 +366,7 @@ def validate_run(run: RunConfig) -> None:
     clip = t.gradient_clip_val
     if clip is not None and not (is_number(clip) and clip >= 0):
         problems.append(f"trainer.gradient_clip_val: invalid value {clip!r}; accepted: a number >= 0, or null (off)")
+    problems += _trainer_problems(run)
     out = Path(run.out_dir)
     if run.resume == "never" and (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("*.ckpt")):
         problems.append(
@@ -343,15 +374,212 @@ def validate_run(run: RunConfig) -> None:
             "beside the first, and resume=auto would later pick the older run's last.ckpt); accepted: a new out_dir, "
             "remove that folder, or resume=auto"
         )
-    if not run.out_dir.strip():
-        problems.append("out_dir: empty (it would write into the current folder); accepted: a directory path")
-    elif out.exists() and not out.is_dir():
-        problems.append(f"out_dir: {run.out_dir!r} exists and is a file; accepted: a directory path (new or existing)")
+    problems += _output_problems(run.out_dir)
+    problems += _tokenizer_problems(run)
+    problems += _data_file_problems(run)
+    if run.resume not in ("auto", "never"):  # a file, or a sharded (fsdp2) directory
+        if not Path(run.resume).exists():
+            problems.append(
+                f"resume: checkpoint {run.resume!r} does not exist; accepted: auto | never | a checkpoint path"
+            )
+        elif (problem := checkpoint_problem(run.resume)) is not None:
+            problems.append(
+                f"resume: {run.resume!r} is not a usable checkpoint ({problem}); accepted: auto | never | a complete "
+                "checkpoint file, or a sharded checkpoint directory (fsdp2)"
+            )
+    problems += run.optimizer.problems("optimizer") + run.monitor.problems("monitor")
+    if not problems:
+        problems += _optimizer_problems(run)
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+
+def _world_devices(trainer: TrainerConfig) -> int | None:
+    """Devices per node as Lightning will count them (as ``trainer.world_devices`` does: "auto" is every GPU, or one
+    CPU process); None when ``trainer.devices`` is invalid."""
+    if trainer.devices == "auto":
+        return max(1, torch.cuda.device_count()) if trainer.accelerator in ("auto", "gpu", "cuda") else 1
+    return trainer.devices if isinstance(trainer.devices, int) and trainer.devices >= 1 else None
+
+
+def _accelerator_problem(name: str) -> str | None:
+    """An unknown accelerator, or one this machine does not have (``auto`` always runs: on the CPU without a GPU)."""
+    if name not in ACCELERATORS:
+        return f"trainer.accelerator: invalid value {name!r}; accepted: {' | '.join(ACCELERATORS)}"
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    present = {"auto": True, "cpu": True, "gpu": cuda or mps, "cuda": cuda, "mps": mps}
+    if present[name]:
+        return None
+    device = "Apple MPS device" if name == "mps" else "GPU (torch.cuda.is_available() is False)"
+    here = " | ".join(a for a in ACCELERATORS if present[a])
+    return f"trainer.accelerator: {name!r}, but this machine has no {device}; accepted on this machine: {here}"
+
+
+def _trainer_problems(run: RunConfig) -> list[str]:
+    """The accelerator, the validation limit, and what per-layer updates cannot honour (the conditions
+    ``callbacks/per_layer.py`` refuses once the Trainer runs: accumulation, global clipping, more than one device)."""
+    t, d = run.trainer, run.data
+    problems = []
+    if (problem := _accelerator_problem(t.accelerator)) is not None:
+        problems.append(problem)
+    if t.limit_val_batches is not None and t.limit_val_batches < 0:
+        problems.append(
+            f"trainer.limit_val_batches: invalid value {t.limit_val_batches!r}; accepted: an integer >= 0 (0: no "
+            "validation), or null (the whole validation set)"
+        )
+    norm = t.per_layer_clip_norm
+    if norm is not None and not (is_number(norm) and norm > 0):
+        problems.append(f"trainer.per_layer_clip_norm: invalid value {norm!r}; accepted: a number > 0, or null (off)")
+    if not t.per_layer_updates:
+        return problems
+    devices = _world_devices(t)
+    per_step = None if devices is None else d.micro_batch_size * devices * t.num_nodes
+    if per_step is not None and t.global_batch_size > per_step:
+        problems.append(
+            f"trainer.global_batch_size: {t.global_batch_size} accumulates gradients over "
+            f"{t.global_batch_size // per_step} micro-batches of data.micro_batch_size x devices x num_nodes = "
+            f"{per_step}, but trainer.per_layer_updates steps each weight in every backward; accepted with per-layer "
+            f"updates: trainer.global_batch_size={per_step} (a larger data.micro_batch_size for a larger batch)"
+        )
+    clip = t.gradient_clip_val
+    if clip and is_number(clip):
+        problems.append(
+            f"trainer.gradient_clip_val: {clip} clips the norm over all gradients at once, but "
+            "trainer.per_layer_updates steps each weight as soon as its gradient exists; accepted with per-layer "
+            "updates: null or 0 (trainer.per_layer_clip_norm clips each parameter on its own)"
+        )
+    several = devices is not None and devices * t.num_nodes > 1
+    if t.strategy != "fsdp2" and (t.strategy not in PER_LAYER_STRATEGIES or several):
+        problems.append(
+            f"trainer.per_layer_updates: runs on one device with a single-device strategy (DDP would reduce the "
+            f"gradients after the weights were stepped), got strategy={t.strategy}, devices={t.devices}, "
+            f"num_nodes={t.num_nodes}; accepted with per-layer updates: trainer.strategy="
+            f"{' | '.join(PER_LAYER_STRATEGIES)}, trainer.devices=1, trainer.num_nodes=1"
+        )
+    return problems
+
+
+def _output_problems(out_dir: str) -> list[str]:
+    """``out_dir`` and its ``checkpoints/`` can be created and written: no parent is a file or a dangling link, and
+    the nearest existing folder is writable (``os.access``; root writes anywhere but on a read-only file system)."""
+    if not out_dir.strip():
+        return ["out_dir: empty (it would write into the current folder); accepted: a directory path"]
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        return [f"out_dir: {out_dir!r} exists and is a file; accepted: a directory path (new or existing)"]
+    checkpoints = out / "checkpoints"
+    if checkpoints.exists() and not checkpoints.is_dir():
+        return [
+            f"out_dir: {checkpoints} exists and is a file, where the checkpoints folder goes; accepted: another "
+            "out_dir, or move that file away"
+        ]
+    for folder in (checkpoints, out, *out.parents):
+        if folder.is_symlink() and not folder.exists():
+            return [f"out_dir: {out_dir!r} cannot be created: {folder} is a dangling link; accepted: a directory path"]
+        if not folder.exists():
+            continue
+        if not folder.is_dir():
+            return [
+                f"out_dir: {out_dir!r} cannot be created: {folder} is a file; accepted: a directory path whose "
+                "parents are directories"
+            ]
+        if not os.access(folder, os.W_OK | os.X_OK):
+            what = "cannot be created in" if folder not in (out, checkpoints) else "is not writable:"
+            return [
+                f"out_dir: {out_dir!r} {what} {folder} (read-only for this user or file system; the run writes "
+                "config.yaml, logs and checkpoints there); accepted: a directory path this user can write to"
+            ]
+        if folder != checkpoints:
+            return []
+        # checkpoints/ exists and is writable: out_dir itself (config.yaml, logs) is checked next
+    return []
+
+
+def _looks_like_path(value: str) -> bool:
+    """A tokenizer value meant as a local path: absolute or relative (``/``, ``.``, ``~``), a ``.json`` name, more
+    than one ``/``, or ``folder/name`` under an existing local folder. A Hub name is ``name`` or ``namespace/name``."""
+    return (
+        value.startswith((".", "~", "/", os.sep))
+        or value.endswith(".json")
+        or value.count("/") > 1
+        or (os.sep != "/" and os.sep in value)
+        or ("/" in value and Path(value.split("/")[0]).is_dir())
+    )
+
+
+def _tokenizer_problems(run: RunConfig) -> list[str]:
+    """The tokenizer exists and the model's vocabulary holds every token id it produces: the embedded BPE's ids run
+    up to ``data.vocab_size - 1``; a local ``tokenizer.json`` is read (its base vocabulary and end-of-document id). A
+    Hub name is not looked up (no network here)."""
+    d, m = run.data, run.model
+    if d.tokenizer == EMBEDDED:
+        if d.vocab_size < MIN_EMBEDDED_VOCAB:
+            return [
+                f"data.vocab_size: invalid value {d.vocab_size}; accepted with data.tokenizer=embedded: an integer >= "
+                f"{MIN_EMBEDDED_VOCAB} (256 byte symbols, the end-of-document token and one merge)"
+            ]
+        if d.vocab_size > m.vocab_size:
+            return [
+                f"data.vocab_size: {d.vocab_size} exceeds model.vocab_size = {m.vocab_size} (the embedded BPE's token "
+                "ids run up to data.vocab_size - 1, and the model's embedding has model.vocab_size rows); accepted: "
+                f"data.vocab_size <= {m.vocab_size}, or model.vocab_size >= {d.vocab_size} (equal is usual)"
+            ]
+        return []
+    path = Path(d.tokenizer)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        if not _looks_like_path(d.tokenizer) and not path.is_dir():
+            return []  # a Hub name such as t5-base
+        return [
+            f"data.tokenizer: {d.tokenizer!r} looks like a path and "
+            + ("holds no tokenizer.json" if path.is_dir() else "does not exist")
+            + "; accepted: embedded, an existing tokenizer.json (or a folder holding one), or a Hub name such as "
+            "t5-base"
+        ]
+    from lowrank_recipes.recipes.data.tokenizer import load_tokenizer  # tokenizers only: no training library
+
+    try:
+        tokenizer = load_tokenizer(str(file), eos_token=d.eos_token)
+    except ValueError as err:  # no end-of-document token
+        return [f"data.eos_token: {err}"]
+    except Exception as err:  # not a tokenizers file
+        cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return [f"data.tokenizer: {file} is not a tokenizers tokenizer.json ({cause}); accepted: a tokenizer.json file"]
+    needed = max(tokenizer.tokenizer.get_vocab_size(with_added_tokens=False), tokenizer.eos_id + 1)
+    if m.vocab_size < needed:
+        return [
+            f"model.vocab_size: {m.vocab_size} is smaller than the token ids of data.tokenizer {str(file)!r} (0 .. "
+            f"{needed - 1}); accepted: an integer >= {needed}"
+        ]
+    return []
+
+
+def _data_file_problems(run: RunConfig) -> list[str]:
+    """Local data files: present, files (not folders) of one supported kind, readable in their first records
+    (:func:`file_check.preflight`), holding a document, and (when read whole) roughly long enough."""
+    d = run.data
+    problems = []
     for key in ("train_files", "val_files"):
         missing = [f for f in getattr(d, key) or [] if not Path(f).exists()]
         if missing:
             problems.append(f"data.{key}: missing file(s) {missing}")
-        empty = [f for f in getattr(d, key) or [] if Path(f).is_file() and not has_document(f)]
+        folders = [f for f in getattr(d, key) or [] if Path(f).is_dir()]
+        if folders:
+            problems.append(
+                f"data.{key}: {folders} are folders; accepted: a list of files (data.{key}=[dir/a.jsonl,dir/b.jsonl])"
+            )
+    if d.source == EMBEDDED:
+        return problems  # the files are refused as ignored (validate_run); their content does not matter
+    kinds = {key: kinds_problem(getattr(d, key) or []) for key in ("train_files", "val_files")}
+    problems += [f"data.{key}: {problem}" for key, problem in kinds.items() if problem is not None]
+    mixed = kinds_problem([f for key in ("train_files", "val_files") for f in getattr(d, key) or []])
+    if mixed is not None and not any(kinds.values()):  # each key reads alone; together they mix JSON lines and text
+        problems.append(f"data.train_files / data.val_files: {mixed}")
+    for key in ("train_files", "val_files"):
+        named = getattr(d, key) or []
+        reports = [preflight(f) for f in named if Path(f).is_file() and file_kind(f) is not None]
+        problems += [f"data.{key}: {r.path}, {r.problem}" for r in reports if r.problem is not None]
+        empty = [r.path for r in reports if r.problem is None and not r.documents]
         if empty:
             why = "no val/loss would be logged" if key == "val_files" else "nothing to train on"
             problems.append(
@@ -363,13 +591,42 @@ def validate_run(run: RunConfig) -> None:
                     else ""
                 )
             )
-    if run.resume not in ("auto", "never") and not Path(run.resume).exists():  # a file, or a sharded (fsdp2) directory
-        problems.append(f"resume: checkpoint {run.resume!r} does not exist; accepted: auto | never | a checkpoint path")
-    problems += run.optimizer.problems("optimizer") + run.monitor.problems("monitor")
-    if not problems:
-        problems += _optimizer_problems(run)
-    if problems:
-        raise ConfigError("invalid configuration: " + "; ".join(problems))
+        elif named and len(reports) == len(named) and all(r.problem is None for r in reports):
+            problems += _length_problems(run, key, reports)
+    return problems
+
+
+def _length_problems(run: RunConfig, key: str, reports: list[FileReport]) -> list[str]:
+    """A rough length check of files read whole: tokens are taken as at most the text's UTF-8 bytes plus one
+    end-of-document token per document (byte-level tokenizers never exceed it); files read in part are long enough."""
+    d, t = run.data, run.trainer
+    if not all(r.complete for r in reports):
+        return []
+    files = [r.path for r in reports]
+    tokens = sum(r.text_bytes + r.documents for r in reports)
+    documents = sum(r.documents for r in reports)
+    if key == "val_files":
+        need = d.seq_len + 1
+        what = ("one validation sequence, data.seq_len + 1", "no val/loss would be logged")
+    elif d.source == "files":
+        if not d.val_files and documents < d.holdout_every:
+            return [
+                f"data.train_files: {files} hold {documents} document(s), fewer than data.holdout_every = "
+                f"{d.holdout_every}, so none is held out for validation; fix: data.val_files, a smaller "
+                "data.holdout_every, or more documents"
+            ]
+        need = t.global_batch_size * (d.seq_len + 1)
+        what = ("one optimizer step, trainer.global_batch_size x (data.seq_len + 1)", "the run could not take a step")
+    else:
+        return []  # the c4 stream starts another pass over short files: any document is enough
+    if tokens >= need:
+        return []
+    smaller = "data.seq_len or trainer.global_batch_size" if key == "train_files" else "data.seq_len"
+    return [
+        f"data.{key}: {files} hold at most about {tokens} tokens (a rough check of the files read whole: their "
+        f"text's UTF-8 bytes plus one end-of-document token per document), fewer than {what[0]} = {need}: {what[1]}; "
+        f"fix: more text, or a smaller {smaller}"
+    ]
 
 
 def _optimizer_problems(run: RunConfig) -> list[str]:

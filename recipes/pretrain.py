@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     # lightning, datasets, torchdata: imported only once the config is known to be good
     from lowrank_recipes.callbacks import NonFiniteError, RunStopped
     from lowrank_recipes.recipes.checkpoints import NoUsableCheckpointError
+    from lowrank_recipes.recipes.data.file_check import DataContentError
     from lowrank_recipes.recipes.run_lock import RunLockedError
     from lowrank_recipes.recipes.trainer import fit
 
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         return fit(run, resolved)
     except (RunLockedError, ConfigError, NoUsableCheckpointError) as err:  # another run holds out_dir, a refused
         # change on resume, or resume=auto found only broken checkpoints: nothing was written
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except DataContentError as err:  # a bad record past the pre-flight check: one paragraph, checkpoints kept
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:  # every rank agreed; the last good checkpoint is untouched

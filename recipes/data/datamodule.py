@@ -86,6 +86,7 @@ class PretrainDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self._train_source: datasets.IterableDataset | None = None  # unsharded stream ("c4" source)
+        self._train_where = sources.Origin("the training stream")  # what it reads, for error messages
         self.corpus_hash: str | None = None  # of the embedded corpus, once read (logged by the recipe)
 
     def _load_tokenizer(self, documents: list[str] | None) -> TextTokenizer:
@@ -164,13 +165,14 @@ class PretrainDataModule(pl.LightningDataModule):
             spec = sources.files_spec(c.train_files, c.val_files)
         else:
             spec = sources.StreamSpec(path=c.c4_dataset, name=c.c4_config)
+        self._train_where = sources.origin(spec, "train")
         self.tokenizer = self._load_tokenizer(self._embedded_documents() if c.tokenizer == EMBEDDED else None)
         self._train_source = sources.open_stream(spec, "train")
         self.train_set = self._stream_for_layout()
         cap = c.val_sequences or max(1, C4_DEFAULT_VAL_TOKENS // c.seq_len)
         # Every rank reads the same first `cap` sequences of one pass over the validation split,
         # then keeps its slice (`val_dataloader`), so the validation set does not depend on W.
-        texts = sources.iter_texts(sources.open_stream(spec, "validation"))
+        texts = sources.iter_texts(sources.open_stream(spec, "validation"), sources.origin(spec, "validation"))
         chunks = itertools.islice(iter_packed(texts, self.tokenizer, c.seq_len), cap)
         self.val_set = [split_inputs_labels(chunk) for chunk in chunks]  # type: ignore[assignment]
 
@@ -194,6 +196,7 @@ class PretrainDataModule(pl.LightningDataModule):
             world_size=world,
             seed=data_seed(c),
             shuffle_buffer=c.shuffle_buffer,
+            where=self._train_where,
         )
 
     def train_dataloader(self) -> StatefulDataLoader:

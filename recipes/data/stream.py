@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from lowrank_recipes.recipes.data.packing import ENCODE_BATCH, StreamPacker, split_inputs_labels
-from lowrank_recipes.recipes.data.sources import TEXT_FIELD, shard_for_rank
+from lowrank_recipes.recipes.data.sources import Origin, iter_texts, shard_for_rank
 from lowrank_recipes.recipes.data.tokenizer import TextTokenizer
 
 # Sequences per rank reported by `len()`: 2^40, far beyond any run, so a Lightning epoch never ends.
@@ -64,6 +64,8 @@ class PackedStream(IterableDataset):
         seed: shuffle seed (used only when `shuffle_buffer > 0`).
         shuffle_buffer: `datasets` shuffle buffer size (examples); 0 keeps the stream order, which
             keeps resume exact.
+        where: what the stream reads (`sources.origin`), named when a record cannot be read; such a
+            record raises `DataContentError` (`sources.iter_texts`).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class PackedStream(IterableDataset):
         world_size: int = 1,
         seed: int = 0,
         shuffle_buffer: int = 0,
+        where: Origin = Origin("the training stream"),
     ) -> None:
         super().__init__()
         if shuffle_buffer < 0:
@@ -87,6 +90,7 @@ class PackedStream(IterableDataset):
         self.world_size = world_size
         self.tokenizer = tokenizer
         self.seq_len = seq_len
+        self.where = where
         self._pass = 0
         self._stream: datasets.IterableDataset | None = None  # this iterator's private copy of `source`
         self._packer: StreamPacker | None = None
@@ -105,12 +109,10 @@ class PackedStream(IterableDataset):
         """
         return pickle.loads(pickle.dumps(source))
 
-    @staticmethod
-    def _texts(stream: datasets.IterableDataset) -> Iterator[list[str]]:
+    def _texts(self, stream: datasets.IterableDataset) -> Iterator[list[str]]:
         batch: list[str] = []
-        for example in stream:
-            if example[TEXT_FIELD]:
-                batch.append(example[TEXT_FIELD])
+        for text in iter_texts(stream, self.where):
+            batch.append(text)
             if len(batch) == ENCODE_BATCH:
                 yield batch
                 batch = []
