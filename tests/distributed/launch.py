@@ -131,16 +131,22 @@ def checkpoint_bases(checkpoint: dict) -> dict[str, torch.Tensor]:
     }
 
 
+def launcher_free_environ() -> dict[str, str]:
+    """This process's environment without a launcher's variables (an earlier in-process DDP test, torchrun or SLURM
+    leave them): a recipe started with it launches its own ranks instead of waiting to join another job."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _LAUNCHER_VARIABLES and not k.startswith(("SLURM_", "TORCHELASTIC_"))
+    }
+
+
 @contextmanager
 def _recipe_env(root: Path) -> Iterator[dict[str, str]]:
     """The environment of every run under ``root`` (offline, one thread, the shared tokenizer cache), applied to this
     process for the in-process runs and returned for the subprocesses."""
     cache = root / "cache"
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in _LAUNCHER_VARIABLES and not k.startswith(("SLURM_", "TORCHELASTIC_"))
-    }
+    clean = launcher_free_environ()
     env = {
         **clean,
         "OMP_NUM_THREADS": "1",

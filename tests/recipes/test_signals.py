@@ -21,6 +21,7 @@ from lowrank_recipes.callbacks import RunStopped
 from lowrank_recipes.recipes.config import load_run_config
 from lowrank_recipes.recipes.trainer import fit
 
+from ..distributed.launch import launcher_free_environ
 from .test_pretrain import TINY
 
 pytestmark = [
@@ -95,7 +96,8 @@ def test_a_second_sigint_stops_at_once_without_saving(tmp_path):
 
 
 def _start(out: Path, *overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    # without the variables an earlier in-process DDP test leaves (the 2-rank run would wait to join that job)
+    env = {**launcher_free_environ(), "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     args = [*ACCUMULATED, "trainer.global_batch_size=16", f"out_dir={out}", f"data.cache_dir={out.parent / 'cache'}"]
     return subprocess.Popen(
         [sys.executable, str(REPO / "recipes" / "pretrain.py"), *args, *overrides],
