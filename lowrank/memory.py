@@ -1,0 +1,288 @@
+"""Training-memory estimator for a LLaMA-style decoder: bytes by component, counted from shapes (nothing allocated).
+
+    shape = ModelShape(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_heads=32, num_layers=32)
+    est = estimate_memory(shape, OptimizerShape("lowrank", rank=1024, state_precision="8bit"),
+                          TrainingShape(micro_batch_size=1, seq_len=256, param_dtype=torch.bfloat16,
+                                        per_layer_updates=True))
+    est.total, est.as_dict()
+
+Notation: L layers, C hidden, F intermediate, H heads, Hkv key/value heads, D = C / H, Ckv = Hkv * D, V vocabulary,
+N = micro-batch x sequence length tokens per device, s the parameter dtype's size (2 for bf16, 4 for fp32).
+
+Components (bytes, per device):
+
+* weights: sum of numel x s over the parameters. Per layer 2 C (norms) + C (C + 2 Ckv) + C C (attention) + 3 C F
+  (SwiGLU); plus V C (embedding), C (final norm) and V C (output head, absent when tied).
+* gradients: without per-layer updates every parameter's gradient is held until the step (= weights). With
+  per-layer updates (:mod:`lowrank.per_layer`) a gradient is freed as soon as its weight is stepped inside backward,
+  so the estimate is the largest single parameter's gradient (the embedding or output head for a LLaMA). With a
+  data-parallel world size above 1, DDP's default bucket buffers (``gradient_as_bucket_view=False``) add one more
+  gradient-sized copy (``grad_buckets``).
+* optimizer state (per parameter, ``step`` counters excluded, as in ``LowRankOptimizer.state_bytes``):
+
+  - AdamW: two moments of the parameter's shape. ``fp32``: s bytes per element (torch's AdamW, which ``fp32``
+    builds, keeps the moments in the parameter's dtype: bf16 weights get bf16 moments); ``bf16``: 2;
+    ``8bit``: 1 byte per element plus float32 absmax scales, one per block, blocks aligned to rows: a (m, n)
+    tensor has m x ceil(n / block_size) scales (:func:`lowrank.quantization.quantized_bytes`); tensors under
+    ``min_8bit_size`` elements stay float32 (max(s, 4) bytes).
+  - low-rank (a 2-D target weight (m, n), rank r): the side is the smaller dimension (``auto``: right when
+    m >= n, basis (n, r), moments (m, r); left: basis (m, r), moments (r, n)), so the basis is min(m, n) x r in the
+    parameter's dtype (``bases``) and the two moments max(m, n) x r stored as above (``moments``, ``scales``); with
+    Fira a 0-dim float32 norm per matrix (``fira_norms``). Every other parameter gets the base's full-size
+    moments.
+
+* activations: bytes of the tensors autograd saves for backward during the forward pass (what is alive when
+  backward starts), derived by listing the saved tensors of ``recipes/model.py``'s ops
+  (``torch.autograd.graph.saved_tensors_hooks``; the tests check the formula against that count, shared storages
+  and parameters counted once/not at all): RMSNorm computes in float32 and keeps its float32 input (``pow``), the
+  rsqrt and the normalised x (the two ``mul`` s); RoPE multiplies by constant cos / sin tables, so it keeps only
+  those tables; ``scaled_dot_product_attention`` (flash-type kernel, the CPU's and CUDA's default) keeps q, k, v,
+  its output (which is also o_proj's input) and a float32 log-sum-exp per head and query; SwiGLU keeps the gate
+  output (silu's input), silu's output, the up output and their product (down_proj's input). Per token and
+  layer::
+
+      a_layer = 2 (8 C + 4)          two RMSNorms: float32 input, float32 normalised x, float32 rsqrt
+              + 2 s C                the two norm outputs (inputs of q/k/v and of gate/up)
+              + s (C + 2 Ckv) + 4 H  attention: q, k (rotated), v, and the log-sum-exp
+              + s C                  attention output = o_proj's input
+              + 4 s F                SwiGLU
+
+      a_head  = 8 C + 4 + s C        final RMSNorm and lm_head's input
+              + 4 V                  the float32 log-softmax kept by the cross-entropy
+              + 16                   int64 input ids (embedding) and labels (loss)
+
+  plus a fixed part, independent of the batch: 8 T D (the float32 cos / sin tables, T the sequence length) and,
+  when s < 4, 4 C per RMSNorm run (the float32 copy of its weight): 2 L + 1 of them, only the final norm's
+  under checkpointing (a recomputed block adds its two). Without checkpointing:
+  N (L a_layer + a_head) + fixed. With activation checkpointing (each block recomputed in backward, non-reentrant),
+  the forward keeps only the blocks' inputs, N (L s C + a_head) + fixed (``saved``), and one block's activations
+  come back while it is recomputed: the estimate adds N a_layer (``total``). Not counted: the transient buffers of
+  backward itself (the logits' gradient, N V x 4 bytes at the loss, and one layer's activation gradients), the
+  logits themselves (N V s, alive until the loss is computed), allocator fragmentation and the CUDA context.
+
+The total is the sum. It is an estimate to compare with measured peaks (``bench/memory.py``), not a guarantee.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from lowrank.compact_adamw import effective_precision
+from lowrank.quantization import quantized_bytes
+
+OPTIMIZERS: tuple[str, ...] = ("adamw", "lowrank")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "8bit")
+# Attention and MLP projections: the default low-rank targets (lowrank.config.DEFAULT_TARGETS).
+PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a LLaMA decoder (the fields of ``LlamaConfig`` that memory depends on).
+
+    ``num_kv_heads`` None means multi-head attention (= ``num_heads``); ``tie_embeddings`` drops the output head.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_layers: int
+    num_kv_heads: int | None = None
+    tie_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, config: object) -> ModelShape:
+        """From any object with ``LlamaConfig``'s attribute names (e.g. the recipe's config)."""
+        return cls(
+            vocab_size=config.vocab_size,  # type: ignore[attr-defined]
+            hidden_size=config.hidden_size,  # type: ignore[attr-defined]
+            intermediate_size=config.intermediate_size,  # type: ignore[attr-defined]
+            num_heads=config.num_heads,  # type: ignore[attr-defined]
+            num_layers=config.num_layers,  # type: ignore[attr-defined]
+            num_kv_heads=getattr(config, "num_kv_heads", None),
+            tie_embeddings=bool(getattr(config, "tie_embeddings", False)),
+        )
+
+    @property
+    def kv_size(self) -> int:
+        """Ckv = Hkv x D: the output size of k_proj and v_proj."""
+        return (self.num_kv_heads or self.num_heads) * (self.hidden_size // self.num_heads)
+
+    def parameters(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every parameter, named like ``recipes/model.py``'s ``Llama``."""
+        c, f, kv = self.hidden_size, self.intermediate_size, self.kv_size
+        params: list[tuple[str, tuple[int, ...]]] = [("embed_tokens.weight", (self.vocab_size, c))]
+        for i in range(self.num_layers):
+            p = f"layers.{i}."
+            params += [
+                (p + "input_layernorm.weight", (c,)),
+                (p + "self_attn.q_proj.weight", (c, c)),
+                (p + "self_attn.k_proj.weight", (kv, c)),
+                (p + "self_attn.v_proj.weight", (kv, c)),
+                (p + "self_attn.o_proj.weight", (c, c)),
+                (p + "post_attention_layernorm.weight", (c,)),
+                (p + "mlp.gate_proj.weight", (f, c)),
+                (p + "mlp.up_proj.weight", (f, c)),
+                (p + "mlp.down_proj.weight", (c, f)),
+            ]
+        params.append(("norm.weight", (c,)))
+        if not self.tie_embeddings:
+            params.append(("lm_head.weight", (self.vocab_size, c)))
+        return params
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerShape:
+    """What the optimizer keeps: ``name`` adamw | lowrank; ``rank`` r; ``targets`` module names (last dotted
+    component before ``.weight``) that go low-rank; ``side`` auto | left | right; ``state_precision`` fp32 | bf16 |
+    8bit with the 8-bit ``block_size`` and ``min_8bit_size`` of :class:`lowrank.CompactAdamW`; ``fira``: a norm
+    scalar per low-rank matrix."""
+
+    name: str = "adamw"
+    rank: int = 128
+    targets: tuple[str, ...] = PROJECTIONS
+    side: str = "auto"
+    state_precision: str = "fp32"
+    block_size: int = 256
+    min_8bit_size: int = 4096
+    fira: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingShape:
+    """Tokens per device (``micro_batch_size`` x ``seq_len``), parameter dtype, activation checkpointing, per-layer
+    updates and the data-parallel world size (DDP: every device holds everything)."""
+
+    micro_batch_size: int = 1
+    seq_len: int = 256
+    param_dtype: torch.dtype = torch.float32
+    activation_checkpointing: bool = False
+    per_layer_updates: bool = False
+    world_size: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device by component; ``optimizer`` = ``moments`` + ``scales`` + ``bases`` + ``fira_norms``."""
+
+    weights: int
+    gradients: int
+    grad_buckets: int
+    moments: int
+    scales: int
+    bases: int
+    fira_norms: int
+    activations: int
+
+    @property
+    def optimizer(self) -> int:
+        return self.moments + self.scales + self.bases + self.fira_norms
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.grad_buckets + self.optimizer + self.activations
+
+    def as_dict(self) -> dict[str, int]:
+        fields = dataclasses.asdict(self)
+        return {**fields, "optimizer": self.optimizer, "total": self.total}
+
+
+def _check(optimizer: OptimizerShape, training: TrainingShape) -> None:
+    problems = []
+    if optimizer.name not in OPTIMIZERS:
+        problems.append(f"optimizer name {optimizer.name!r}; accepted: {', '.join(OPTIMIZERS)}")
+    if optimizer.state_precision not in PRECISIONS:
+        problems.append(f"state_precision {optimizer.state_precision!r}; accepted: {', '.join(PRECISIONS)}")
+    if optimizer.side not in ("auto", "left", "right"):
+        problems.append(f"side {optimizer.side!r}; accepted: auto, left, right")
+    if training.per_layer_updates and training.world_size > 1:
+        problems.append("per_layer_updates need world_size 1 (the hooks step before gradients are reduced)")
+    if problems:
+        raise ValueError("estimate_memory: " + "; ".join(problems))
+
+
+def weight_bytes(model: ModelShape, dtype: torch.dtype) -> int:
+    """Sum of numel x itemsize over the parameters."""
+    return sum(math.prod(shape) for _, shape in model.parameters()) * dtype.itemsize
+
+
+def moment_pair_bytes(shape: tuple[int, ...], optimizer: OptimizerShape, dtype: torch.dtype) -> tuple[int, int]:
+    """(codes or values, 8-bit scales) of Adam's two moments of ``shape`` (``dtype``: the parameter's dtype)."""
+    numel = math.prod(shape)
+    precision = effective_precision(numel, optimizer.state_precision, optimizer.min_8bit_size)
+    if precision == "8bit":  # codes plus float32 scales
+        scales = quantized_bytes(shape, optimizer.block_size) - numel
+        return 2 * numel, 2 * scales
+    if precision == "bf16":
+        itemsize = 2
+    elif optimizer.state_precision == "8bit":  # a small tensor left in CompactAdamW's float32 compute dtype
+        itemsize = torch.promote_types(dtype, torch.float32).itemsize
+    else:  # torch's AdamW: the parameter's dtype
+        itemsize = dtype.itemsize
+    return 2 * numel * itemsize, 0
+
+
+def _is_target(name: str, shape: tuple[int, ...], optimizer: OptimizerShape) -> bool:
+    module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
+    return optimizer.name == "lowrank" and len(shape) == 2 and module in optimizer.targets
+
+
+def optimizer_bytes(model: ModelShape, optimizer: OptimizerShape, dtype: torch.dtype) -> dict[str, int]:
+    """``moments``, ``scales``, ``bases`` and ``fira_norms`` bytes (module docstring)."""
+    out = dict(moments=0, scales=0, bases=0, fira_norms=0)
+    for name, shape in model.parameters():
+        moment_shape = shape
+        if _is_target(name, shape, optimizer):
+            m, n = shape
+            side = optimizer.side if optimizer.side != "auto" else ("right" if m >= n else "left")
+            r = optimizer.rank
+            moment_shape = (m, r) if side == "right" else (r, n)
+            out["bases"] += (n if side == "right" else m) * r * dtype.itemsize
+            out["fira_norms"] += 4 * optimizer.fira
+        values, scales = moment_pair_bytes(moment_shape, optimizer, dtype)
+        out["moments"] += values
+        out["scales"] += scales
+    return out
+
+
+def activation_bytes(model: ModelShape, training: TrainingShape) -> dict[str, int]:
+    """Activation bytes of one micro-batch (module docstring): ``layer`` (a_layer) and ``head`` (a_head) per token,
+    ``fixed``, ``saved`` (what the forward pass saves) and ``total`` (``saved`` plus, with checkpointing, one
+    recomputed block)."""
+    c, f, h, kv = model.hidden_size, model.intermediate_size, model.num_heads, model.kv_size
+    s, n = training.param_dtype.itemsize, training.micro_batch_size * training.seq_len
+    layer = 2 * (8 * c + 4) + 2 * s * c + s * (c + 2 * kv) + 4 * h + s * c + 4 * s * f
+    head = 8 * c + 4 + s * c + 4 * model.vocab_size + 16
+    weight_copy = 4 * c if s < 4 else 0  # float32 copy of a norm weight (RMSNorm's weight.float())
+    fixed = 8 * training.seq_len * (c // model.num_heads) + weight_copy
+    if training.activation_checkpointing:
+        saved = n * (model.num_layers * s * c + head) + fixed
+        total = saved + n * layer + 2 * weight_copy
+    else:
+        fixed += 2 * model.num_layers * weight_copy
+        saved = total = n * (model.num_layers * layer + head) + fixed
+    return {"layer": layer, "head": head, "fixed": fixed, "saved": saved, "total": total}
+
+
+def estimate_memory(model: ModelShape, optimizer: OptimizerShape, training: TrainingShape) -> MemoryEstimate:
+    """Bytes per device by component for one training step (module docstring)."""
+    _check(optimizer, training)
+    dtype = training.param_dtype
+    weights = weight_bytes(model, dtype)
+    if training.per_layer_updates:
+        gradients = max(math.prod(shape) for _, shape in model.parameters()) * dtype.itemsize
+    else:
+        gradients = weights
+    buckets = weights if training.world_size > 1 else 0
+    state = optimizer_bytes(model, optimizer, dtype)
+    return MemoryEstimate(
+        weights=weights,
+        gradients=gradients,
+        grad_buckets=buckets,
+        activations=activation_bytes(model, training)["total"],
+        **state,
+    )
