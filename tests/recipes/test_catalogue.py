@@ -28,24 +28,8 @@ from lowrank_recipes.recipes.data import file_check
 from lowrank_recipes.recipes.data.packing import ENCODE_BATCH
 from lowrank_recipes.recipes.pretrain import main
 
-TINY = [
-    "model.vocab_size=384",
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_heads=2",
-    "model.num_layers=2",
-    "model.max_seq_len=32",
-    "data.vocab_size=384",
-    "data.seq_len=32",
-    "data.max_documents=120",
-    "data.micro_batch_size=4",
-    "data.val_sequences=8",
-    "trainer.global_batch_size=4",
-    "optimizer.lowrank.rank=8",
-    "optimizer.refresh.update_gap=4",
-    "trainer.val_every_n_steps=5",
-    "trainer.log_every_n_steps=1",
-]
+from .test_pretrain import TINY
+
 UNSET = "LOWRANK_CATALOGUE_UNSET"
 
 
