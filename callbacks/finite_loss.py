@@ -1,7 +1,8 @@
 """``FiniteLossGuard``: stops a run at the first non-finite loss, before the optimizer step that would spread it, and
 never lets a checkpoint be written from non-finite weights.
 
-Every micro-batch's loss is checked in ``on_before_backward``; in ``on_before_optimizer_step`` (once per optimizer step,
+Every micro-batch's loss is kept (on its device, no synchronisation) in ``on_before_backward`` and all are checked
+with one device-to-host read per step; in ``on_before_optimizer_step`` (once per optimizer step,
 after the last accumulated backward, before the step and before any other callback's work on it when the guard is
 listed first) the ranks agree on one flag with a single all-reduce (``strategy.reduce_boolean_decision``), and a
 non-finite loss on any rank raises :class:`NonFiniteError` on every rank. The weights, the optimizer state and the
@@ -18,7 +19,6 @@ normal working and not a failure.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -36,21 +36,20 @@ class FiniteLossGuard(Callback):
     """Raises :class:`NonFiniteError` before an optimizer step whose loss, on any rank, was not finite."""
 
     def __init__(self) -> None:
-        self._bad: tuple[int, float] | None = None  # (micro-batch index within the step, loss value)
-        self._micro = 0
+        self._losses: list[
+            torch.Tensor
+        ] = []  # this step's micro-batch losses, on their device (no sync per micro-batch)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        value = float(loss.detach())
-        if self._bad is None and not math.isfinite(value):
-            self._bad = (self._micro, value)
-        self._micro += 1
+        self._losses.append(loss.detach().reshape(()))
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        bad, self._bad, self._micro = self._bad, None, 0
+        losses, self._losses = self._losses, []
+        bad = _first_non_finite(losses)  # one device-to-host read per optimizer step
         if not trainer.strategy.reduce_boolean_decision(bad is not None, all=False):  # any rank
             return
         where = f"micro-batch {bad[0]} of it gave {bad[1]} on rank {trainer.global_rank}" if bad else "on another rank"
@@ -75,6 +74,15 @@ class FiniteLossGuard(Callback):
             f"{_learning_rates(optimizer)}: the checkpoint of step {trainer.global_step} is not written and the last "
             "good checkpoint is kept. Lower optimizer.lr or set trainer.gradient_clip_val"
         )
+
+
+def _first_non_finite(losses: list[torch.Tensor]) -> tuple[int, float] | None:
+    """(micro-batch index, value) of the first non-finite loss of a step, or None; reads the device once."""
+    if not losses:
+        return None
+    values = torch.stack(losses).float().cpu()
+    bad = (~torch.isfinite(values)).nonzero()
+    return None if bad.numel() == 0 else (int(bad[0, 0]), float(values[bad[0, 0]]))
 
 
 def _learning_rates(optimizer: Any) -> str:
