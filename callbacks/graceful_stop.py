@@ -63,7 +63,6 @@ class GracefulStop(Callback):
         self.requested: int = 0  # the signal number asked for on this rank, 0: none
         self.stopped_by: int | None = None
         self._stepped = False  # an optimizer step ran since the last micro-batch ended
-        self._at_boundary = True  # the last finished micro-batch ended an optimizer step
         self._previous_sigint: Any = None
         self._installed = False
         self._connector: tuple[Any, type] | None = None  # (Lightning's signal connector, its own class) while deferring
@@ -125,7 +124,7 @@ class GracefulStop(Callback):
     # --------------------------------------------------------------------------------------------- the hooks
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.requested, self.stopped_by, self._stepped, self._at_boundary = 0, None, False, True
+        self.requested, self.stopped_by, self._stepped = 0, None, False
         self._install()
         self._defer_sigterm(trainer)
 
@@ -151,8 +150,8 @@ class GracefulStop(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._at_boundary, self._stepped = self._stepped, False
-        if not self._at_boundary:
+        at_boundary, self._stepped = self._stepped, False  # this micro-batch ended an optimizer step
+        if not at_boundary:
             return
         agreed = self._agree(trainer, self.requested)
         if not agreed:
