@@ -239,12 +239,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
             for param in group["params"]:
                 side = _side(group, param)
                 shape = projected_shape(param.shape, side, group["rank"])
-                # Workspace the base steps on: zero before each step, the base's update of R after it. For an FSDP2
-                # weight a DTensor (m, r) sharded like it, so that the base's moments are sharded too.
+                # Workspace the base steps on: zero before each step, the base's update of R after it. A plain
+                # tensor's storage exists only during its update (_materialize / _release): between steps it would
+                # be one more projected-gradient-sized tensor per weight (at 7B, rank 1024, bf16: 3.2 GB). For an
+                # FSDP2 weight a DTensor (m, r) sharded like it, so that the base's moments are sharded too; kept.
                 if is_dtensor(param):
                     self._stand_ins[param] = sharded_zeros_like_rows(param, group["rank"])
                 else:
-                    self._stand_ins[param] = torch.zeros(shape, dtype=param.dtype, device=param.device)
+                    stand_in = torch.empty(shape, dtype=param.dtype, device=param.device)
+                    self._stand_ins[param] = _release(stand_in)
         if self._base is not None:
             for base_group in self._base_groups([group]):
                 self._base.add_param_group(base_group)
@@ -512,6 +515,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for entry in active:
             self._apply_update(*entry)
             entry[2].grad = None
+            _release(entry[2])
         for group in self.param_groups:
             if group["rank"] is not None:
                 group["lowrank_step"] += 1
@@ -551,6 +555,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._base_step_on(entry[2])
         self._apply_update(*entry)
         entry[2].grad = None
+        _release(entry[2])
 
     def _project_grad(
         self, group: dict[str, Any], name: str, param: torch.Tensor, zero: bool = True
@@ -565,6 +570,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self._pending.extend([] if record is None else [record])
         basis = self.state[param]["lowrank_basis"]
         side = _side(group, param)
+        _materialize(stand_in)
         if zero:
             stand_in.zero_()
         if is_dtensor(param):  # R_i = G_i B, local to each row shard
@@ -665,6 +671,21 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for entry in self.state_dict()["state"].values():
             total += sum(v.numel() * v.element_size() for v in entry.values() if torch.is_tensor(v) and v.dim() > 0)
         return total
+
+
+def _materialize(stand_in: torch.Tensor) -> torch.Tensor:
+    """Gives a released stand-in its storage back (contents undefined: the caller zeroes it)."""
+    if not is_dtensor(stand_in) and stand_in.untyped_storage().nbytes() == 0:
+        stand_in.untyped_storage().resize_(stand_in.numel() * stand_in.element_size())
+    return stand_in
+
+
+def _release(stand_in: torch.Tensor) -> torch.Tensor:
+    """Frees a plain stand-in's storage, keeping the tensor (its identity keys the base's state, its shape and
+    dtype the base's checks); DTensor stand-ins keep theirs."""
+    if not is_dtensor(stand_in):
+        stand_in.untyped_storage().resize_(0)
+    return stand_in
 
 
 def _side(group: dict[str, Any], param: torch.Tensor) -> str:
