@@ -1,129 +1,171 @@
-"""Training-memory benchmark (skeleton): measured peak memory of a few real training steps against
-``lowrank.memory.estimate_memory``, one variant per fresh process.
+"""Training-memory benchmark: the measured peak of a few real training steps of the recipe's model beside
+``lowrank.memory.estimate_memory``, one row per fresh process, and the estimator's 7B table beside GaLore's figures.
 
-Each variant (BF16-style AdamW, 8-bit AdamW, 8-bit low-rank, 8-bit low-rank with per-layer updates) runs in a child
-process (this script with ``--child``), which records the baseline (RSS before the model is built on a CPU; on a
-GPU the allocator starts at zero), builds the model, optimizer and data, runs ``--steps`` training steps and
-reports the peak: ``ru_maxrss`` minus the baseline on a CPU, ``torch.cuda.max_memory_allocated`` on a GPU. The
-estimate is printed beside it with the ratio measured / estimated. A CPU peak RSS also holds the allocator's
-caches and the transient buffers of backward, which the estimator leaves out.
+Rows (``bench/_memory_rows.py``): 60M and 130M in fp32, 350M and 1B in bf16 ("bf16-true": weights, gradients and
+torch AdamW's moments in bf16), micro-batch 1 x sequence 256; variants AdamW with fp32 states (moments in the
+parameter dtype), AdamW with 8-bit states, low-rank with fp32 and 8-bit states, low-rank 8-bit with per-layer
+updates, and at 1B the same with activation checkpointing. Each row is a child process (this script with
+``--child``) that builds the model in its dtype, runs ``--steps`` steps (step 0 gives every low-rank weight its
+first basis, step 1 refreshes one slice) and reports its peak above the memory before the model was built: resident
+memory on a CPU (the children run with glibc's mmap threshold fixed, so freed buffers go back to the system and the
+resident peak follows the live tensors), the allocator's peak on a GPU. Low-rank rows refresh with stagger = the
+number of layers (a refresh step re-selects one layer's matrices); each is run a second time with stagger 1
+(every basis at once, whose refresh holds the old and new bases of every matrix together) and that peak is printed
+beside it.
 
-    python bench/memory.py --quick          # tiny shapes, seconds (the test runs this)
-    python bench/memory.py --model 60m      # c4_60m shapes (not yet calibrated: the 60M-1B rows are to come)
+    python bench/memory.py --quick                 # tiny shapes, seconds (a test runs this)
+    python bench/memory.py                         # every 60M-1B row (about 30 minutes on 2 cores)
+    python bench/memory.py --sizes 60m 130m        # some sizes
+    python bench/memory.py --table-7b              # the estimator's 7B table only, no training
+
+The gate: rows whose measured peak is above ``--gate-above`` (2 GiB) must be within 10% of the estimate; the JSON
+says which rows pass, and the script exits 1 when one does not.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+from lowrank.memory import estimate_memory
 
-from lowrank.factory import build_optimizer
-from lowrank.memory import ModelShape, OptimizerShape, TrainingShape, estimate_memory
-from lowrank.per_layer import enable_per_layer
-from lowrank_recipes.recipes.model import Llama, LlamaConfig, causal_lm_loss, llama_preset
+from _common import markdown_table, mib, pick_device, run_metadata
+from _memory_7b import table_7b
+from _memory_rows import DEFAULT_ROWS, QUICK_ROWS, SIZES, VARIANTS, shapes, stagger_of
 
-from _common import current_rss_bytes, markdown_table, mib, peak_rss_bytes, pick_device, run_metadata
-
-# name -> (optimizer name, state precision, per-layer updates)
-VARIANTS: dict[str, tuple[str, str, bool]] = {
-    "adamw-bf16": ("adamw", "bf16", False),
-    "adamw-8bit": ("adamw", "8bit", False),
-    "lowrank-8bit": ("lowrank", "8bit", False),
-    "lowrank-8bit-per-layer": ("lowrank", "8bit", True),
-}
-# name -> (config, rank, seq_len, micro-batch)
-MODELS: dict[str, tuple[LlamaConfig, int, int, int]] = {
-    "tiny": (LlamaConfig(512, 64, 172, 4, 2, 32), 16, 32, 4),
-    "60m": (llama_preset("60m"), 128, 256, 4),
-}
-COLUMNS = ("variant", "estimated_bytes", "measured_bytes", "ratio", "error")
+GIB = 2**30
+TOLERANCE = 0.10
+# glibc: every allocation of 64 KiB or more is its own mapping, returned to the system when freed (no dynamic
+# threshold), so the resident peak is the peak of live memory rather than of the heap's high-water mark.
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "2"}
 
 
-def variant_shapes(variant: str, model: str, dtype: torch.dtype) -> tuple[ModelShape, OptimizerShape, TrainingShape]:
-    name, precision, per_layer = VARIANTS[variant]
-    config, rank, seq_len, batch = MODELS[model]
-    optimizer = OptimizerShape(name=name, rank=rank, state_precision=precision)
-    training = TrainingShape(batch, seq_len, dtype, config.activation_checkpointing, per_layer)
-    return ModelShape.from_config(config), optimizer, training
-
-
-def child_main(variant: str, model: str, steps: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Runs ``steps`` training steps; returns the peak bytes above the baseline."""
-    name, precision, per_layer = VARIANTS[variant]
-    config, rank, seq_len, batch = MODELS[model]
-    baseline = current_rss_bytes()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    torch.manual_seed(0)
-    net = Llama(config).to(device=device, dtype=dtype)
-    settings: dict[str, Any] = {"name": name, "lr": 1e-3, "state_precision": precision}
-    if name == "lowrank":
-        settings["lowrank"] = {"rank": rank}
-    optimizer = build_optimizer(net, settings)
-    updater = enable_per_layer(optimizer) if per_layer else None
-    ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device)
-    for _ in range(steps):
-        causal_lm_loss(net(ids[:, :-1]), ids[:, 1:]).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if updater is not None:
-        updater.remove()
-    if device.type == "cuda":
-        return {"measured_bytes": torch.cuda.max_memory_allocated(device)}
-    return {"measured_bytes": peak_rss_bytes() - baseline}
-
-
-def run_child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", variant, "--model", args.model, "--steps", str(args.steps)]
-    command += ["--device", args.device, "--dtype", args.dtype]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=args.child_timeout)
+def run_child(size: str, variant: str, stagger: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Runs one row in a fresh interpreter; its result, or ``error`` with the end of its output."""
+    command = [sys.executable, __file__, "--child", size, variant, str(stagger), "--steps", str(args.steps)]
+    command += ["--device", args.device]
+    env = {**os.environ, **CHILD_ENV}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.child_timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"measured_bytes": None, "error": f"timed out after {args.child_timeout:.0f} s"}
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             return {**json.loads(line[len("RESULT ") :]), "error": None}
-    return {"measured_bytes": None, "error": (done.stderr or done.stdout)[-500:]}
+    return {"measured_bytes": None, "error": (done.stderr or done.stdout)[-800:]}
+
+
+def measure_row(size: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One row: the estimate, the measured peak (stagger = layers for low-rank rows) and the stagger-1 peak."""
+    stagger = stagger_of(size, variant, stagger_one=False)
+    kind = "cpu" if args.device == "cpu" else "cuda"
+    estimate = estimate_memory(*shapes(size, variant, stagger, kind))
+    child = run_child(size, variant, stagger, args)
+    measured = child["measured_bytes"]
+    row: dict[str, Any] = {
+        "size": size,
+        "variant": variant,
+        "dtype": str(SIZES[size].dtype).removeprefix("torch."),
+        "stagger": stagger,
+        "estimated_bytes": estimate.total,
+        "measured_bytes": measured,
+        "error_fraction": None if measured is None else round(estimate.total / measured - 1, 4),
+        "gated": measured is not None and measured > args.gate_above,
+        "estimate": estimate.as_dict(),
+        "child": child,
+    }
+    row["passes"] = None if not row["gated"] else abs(row["error_fraction"]) <= TOLERANCE
+    if VARIANTS[variant].optimizer == "lowrank" and not args.no_stagger_one:
+        one = run_child(size, variant, 1, args)
+        row["stagger1_measured_bytes"] = one["measured_bytes"]
+        row["stagger1_estimated_bytes"] = estimate_memory(*shapes(size, variant, 1, kind)).total
+        row["stagger1_child"] = one
+    return row
+
+
+def _states_label(row: dict[str, Any]) -> str:
+    precision = VARIANTS[row["variant"]].precision
+    if precision == "fp32" and row["dtype"] != "float32":
+        return f"{precision} (moments {row['dtype']}: torch AdamW follows the parameters)"
+    return precision
+
+
+def rows_table(rows: list[dict[str, Any]]) -> str:
+    header = ["size", "variant", "params", "states", "estimated MiB", "measured MiB", "error", "gated (> 2 GiB)"]
+    header += ["stagger-1 measured MiB", "stagger-1 estimated MiB"]
+    lines = []
+    for r in rows:
+        error = "-" if r["error_fraction"] is None else f"{100 * r['error_fraction']:+.1f}%"
+        gate = "no" if not r["gated"] else ("pass" if r["passes"] else "FAIL")
+        if r["child"]["error"]:
+            gate = "did not run: " + r["child"]["error"].strip().splitlines()[-1][:80]
+        lines.append(
+            [
+                r["size"],
+                r["variant"],
+                r["dtype"],
+                _states_label(r),
+                mib(r["estimated_bytes"]),
+                mib(r["measured_bytes"]),
+                error,
+                gate,
+                mib(r.get("stagger1_measured_bytes")),
+                mib(r.get("stagger1_estimated_bytes")),
+            ]
+        )
+    return markdown_table(header, lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 steps (seconds)")
-    parser.add_argument("--model", choices=sorted(MODELS), default="60m")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (seconds)")
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), help="only these sizes (default: 60m-1b)")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="only these variants")
+    parser.add_argument("--steps", type=int, default=3, help="training steps per row (>= 2: step 1 refreshes)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--child-timeout", type=float, default=600.0)
+    parser.add_argument("--no-stagger-one", action="store_true", help="skip the stagger-1 runs of low-rank rows")
+    parser.add_argument("--table-7b", action="store_true", help="print and write the 7B table only")
+    parser.add_argument("--gate-above", type=float, default=2 * GIB, help="bytes above which the 10%% gate applies")
+    parser.add_argument("--child-timeout", type=float, default=900.0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/memory.json"))
-    parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("SIZE", "VARIANT", "STAGGER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.quick:
-        args.model, args.steps = "tiny", 2
-    device, dtype = pick_device(args.device), getattr(torch, args.dtype)
+    device = pick_device(args.device)
     args.device = str(device)
     if args.child:
-        print("RESULT " + json.dumps(child_main(args.child, args.model, args.steps, device, dtype)))
+        from _memory_child import run_row
+
+        size, variant, stagger = args.child
+        print("RESULT " + json.dumps(run_row(size, variant, int(stagger), args.steps, device)))
         return
-    rows = []
-    for variant in VARIANTS:
-        estimate = estimate_memory(*variant_shapes(variant, args.model, dtype))
-        child = run_child(variant, args)
-        measured = child["measured_bytes"]
-        ratio = None if measured is None else round(measured / estimate.total, 3)
-        row = {"variant": variant, "estimated_bytes": estimate.total, "measured_bytes": measured, "ratio": ratio}
-        rows.append({**row, "error": child["error"], "estimate": estimate.as_dict()})
-    header = ["variant", "estimated MiB", "measured MiB", "measured / estimated"]
-    table = markdown_table(
-        header, [[r["variant"], mib(r["estimated_bytes"]), mib(r["measured_bytes"]), str(r["ratio"])] for r in rows]
-    )
-    print(table)
+    seven_b = table_7b()
+    rows: list[dict[str, Any]] = []
+    if not args.table_7b:
+        selected = QUICK_ROWS if args.quick else DEFAULT_ROWS
+        if args.sizes:
+            selected = tuple((s, v) for s in args.sizes for v in VARIANTS if s == "1b" or not VARIANTS[v].checkpointing)
+        if args.variants:
+            selected = tuple((s, v) for s, v in selected if v in args.variants)
+        for size, variant in selected:
+            rows.append(measure_row(size, variant, args))
+            print(rows_table(rows[-1:]).splitlines()[-1], flush=True)
+    text = (rows_table(rows) + "\n\n" if rows else "") + seven_b["markdown"]
+    print(text)
     meta = run_metadata(device, {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
+    meta["child_env"] = CHILD_ENV
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "columns": list(COLUMNS), "rows": rows}, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(table + "\n")
+    result = {"meta": meta, "tolerance": TOLERANCE, "rows": rows, "table_7b": seven_b["rows"]}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(text + "\n")
+    failed = [f"{r['size']} {r['variant']}" for r in rows if r["passes"] is False]
+    if failed:
+        print(f"estimate off by more than {TOLERANCE:.0%} on: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

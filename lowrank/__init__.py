@@ -4,13 +4,14 @@ Entry points: :func:`build_optimizer` (model + config -> optimizer, with its gro
 :class:`LowRankOptimizer` (the update rule is in its module docstring), :class:`RefreshSchedule` (when bases refresh),
 :class:`LowRankOptions` (every group option and its default), ``SELECTORS`` (subspace rules),
 :func:`subspace_overlap`, :func:`module_types` (unique module type labels), :func:`resolve_seed` (the draws' run
-seed).
+seed), :func:`estimate_memory` (training memory by component and its modelled peak, from shapes).
 """
 
 from lowrank.bases import BASES, BaseSpec, register_base
 from lowrank.compact_adamw import CompactAdamW
 from lowrank.config import DEFAULT_TARGETS, STATE_PRECISIONS, LowRankConfig, OptimizerConfig, optimizer_config_from_dict
 from lowrank.factory import GROUP_NAMES, GroupTable, TableRow, build_optimizer
+from lowrank.memory import MemoryEstimate, ModelShape, OptimizerShape, TrainingShape, estimate_memory
 from lowrank.moment_storage import convert_state
 from lowrank.moments import MOMENT_POLICIES
 from lowrank.names import module_types
@@ -43,6 +44,11 @@ __all__ = [
     "LOWRANK_DEFAULTS",
     "LowRankConfig",
     "LowRankOptimizer",
+    "MemoryEstimate",
+    "ModelShape",
+    "OptimizerShape",
+    "TrainingShape",
+    "estimate_memory",
     "MOMENT_POLICIES",
     "OptimizerConfig",
     "RefreshRecord",

@@ -56,11 +56,26 @@ Components (bytes, per device):
   under checkpointing (a recomputed block adds its two). Without checkpointing:
   N (L a_layer + a_head) + fixed. With activation checkpointing (each block recomputed in backward, non-reentrant),
   the forward keeps only the blocks' inputs, N (L s C + a_head) + fixed (``saved``), and one block's activations
-  come back while it is recomputed: the estimate adds N a_layer (``total``). Not counted: the transient buffers of
-  backward itself (the logits' gradient, N V x 4 bytes at the loss, and one layer's activation gradients), the
-  logits themselves (N V s, alive until the loss is computed), allocator fragmentation and the CUDA context.
+  come back while it is recomputed: the estimate adds N a_layer (``total``). Not counted here: the transient buffers
+  of backward (the peak below counts the logits' gradient; one layer's activation gradients are left out) and the
+  logits themselves (N V s, alive until the loss is computed).
 
-The total is the sum. It is an estimate to compare with measured peaks (``bench/memory.py``), not a guarantee.
+Peak (``MemoryEstimate.total``): weights, optimizer state and DDP buckets live throughout; on top of them the peak
+is the larger of two moments of a step (their temporaries: :mod:`lowrank.memory_workspace`, checked against the
+allocator's record of real steps):
+
+* ``backward``: every activation, plus the loss's float32 gradient of the logits, or a little later the head's
+  gradient beside the logits' gradient. Under per-layer updates one weight's gradient with its update (or its
+  refresh) instead, every activation counted alive; there is no later peak, the step having happened inside
+  backward.
+* ``step``: every gradient, plus the refresh of one matrix (an SVD's factors) or, after it, the projected gradients
+  of every low-rank weight and the stand-ins the base optimizer updates (2 s sum max(m, n) r: they exist only
+  during the step), with the base update's temporaries; plus the old bases that the refresh records of the
+  largest stagger slice hold until the step ends.
+
+``MemoryEstimate.sum`` is the plain sum of the components (GaLore's convention for its published breakdown). Both
+are estimates to compare with measured peaks (``bench/memory.py``), not guarantees. Not counted: the CUDA context
+and the caching allocator's fragmentation, the C library's heap slack on a CPU.
 """
 
 from __future__ import annotations
@@ -70,11 +85,13 @@ import math
 
 import torch
 
+from lowrank import memory_workspace as workspace
 from lowrank.compact_adamw import effective_precision
 from lowrank.quantization import quantized_bytes
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "lowrank")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "8bit")
+SELECTOR_NAMES: tuple[str, ...] = ("dominant", "importance", "random", "randomized_dominant", "randomized_importance")
 # Attention and MLP projections: the default low-rank targets (lowrank.config.DEFAULT_TARGETS).
 PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -140,7 +157,9 @@ class OptimizerShape:
     """What the optimizer keeps: ``name`` adamw | lowrank; ``rank`` r; ``targets`` module names (last dotted
     component before ``.weight``) that go low-rank; ``side`` auto | left | right; ``state_precision`` fp32 | bf16 |
     8bit with the 8-bit ``block_size`` and ``min_8bit_size`` of :class:`lowrank.CompactAdamW`; ``fira``: a norm
-    scalar per low-rank matrix."""
+    scalar per low-rank matrix; the refresh's ``selector`` (its ``oversampling`` for the randomized rules) and
+    ``stagger`` (how many slices of the low-rank weights refresh at different steps: the old bases of one slice are
+    held until its step ends)."""
 
     name: str = "adamw"
     rank: int = 128
@@ -150,12 +169,17 @@ class OptimizerShape:
     block_size: int = 256
     min_8bit_size: int = 4096
     fira: bool = False
+    selector: str = "importance"
+    oversampling: int = 16
+    stagger: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingShape:
     """Tokens per device (``micro_batch_size`` x ``seq_len``), parameter dtype, activation checkpointing, per-layer
-    updates and the data-parallel world size (DDP: every device holds everything)."""
+    updates, the data-parallel world size (DDP: every device holds everything) and the ``device`` kind, cpu or cuda:
+    it decides the optimizer's temporaries (torch AdamW's single-tensor or foreach implementation, CompactAdamW's
+    chunk size)."""
 
     micro_batch_size: int = 1
     seq_len: int = 256
@@ -163,11 +187,18 @@ class TrainingShape:
     activation_checkpointing: bool = False
     per_layer_updates: bool = False
     world_size: int = 1
+    device: str = "cuda"
 
 
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per device by component; ``optimizer`` = ``moments`` + ``scales`` + ``bases`` + ``fira_norms``."""
+    """Bytes per device by component; ``optimizer`` = ``moments`` + ``scales`` + ``bases`` + ``fira_norms``.
+
+    ``peak_phase`` is where the modelled peak falls: ``backward`` (activations alive, plus ``workspace``: the logits'
+    gradient, the first weight gradients, under per-layer updates one weight's update or refresh) or ``step`` (every
+    gradient alive, plus ``workspace``: projected gradients, the base update's temporaries, a refresh and the old
+    bases its records hold). ``total`` is that peak; ``sum`` adds every component as if all were alive at once
+    (weights + gradients + optimizer + activations, the convention of GaLore's published breakdown)."""
 
     weights: int
     gradients: int
@@ -177,6 +208,8 @@ class MemoryEstimate:
     bases: int
     fira_norms: int
     activations: int
+    workspace: int = 0
+    peak_phase: str = "step"
 
     @property
     def optimizer(self) -> int:
@@ -184,11 +217,16 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
+        alive = self.activations if self.peak_phase == "backward" else self.gradients
+        return self.weights + self.grad_buckets + self.optimizer + alive + self.workspace
+
+    @property
+    def sum(self) -> int:
         return self.weights + self.gradients + self.grad_buckets + self.optimizer + self.activations
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | str]:
         fields = dataclasses.asdict(self)
-        return {**fields, "optimizer": self.optimizer, "total": self.total}
+        return {**fields, "optimizer": self.optimizer, "sum": self.sum, "total": self.total}
 
 
 def _check(optimizer: OptimizerShape, training: TrainingShape) -> None:
@@ -199,6 +237,10 @@ def _check(optimizer: OptimizerShape, training: TrainingShape) -> None:
         problems.append(f"state_precision {optimizer.state_precision!r}; accepted: {', '.join(PRECISIONS)}")
     if optimizer.side not in ("auto", "left", "right"):
         problems.append(f"side {optimizer.side!r}; accepted: auto, left, right")
+    if optimizer.selector not in SELECTOR_NAMES:
+        problems.append(f"selector {optimizer.selector!r}; accepted: {', '.join(SELECTOR_NAMES)}")
+    if training.device not in ("cpu", "cuda"):
+        problems.append(f"device {training.device!r}; accepted: cpu, cuda")
     if training.per_layer_updates and training.world_size > 1:
         problems.append("per_layer_updates need world_size 1 (the hooks step before gradients are reduced)")
     if problems:
@@ -268,8 +310,88 @@ def activation_bytes(model: ModelShape, training: TrainingShape) -> dict[str, in
     return {"layer": layer, "head": head, "fixed": fixed, "saved": saved, "total": total}
 
 
+def _lowrank_shapes(model: ModelShape, optimizer: OptimizerShape) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(oriented gradient (d, k), projected R shape) of every low-rank weight, in parameter order: d is the basis
+    side's dimension."""
+    out = []
+    for name, shape in model.parameters():
+        if _is_target(name, shape, optimizer):
+            m, n = shape
+            side = optimizer.side if optimizer.side != "auto" else ("right" if m >= n else "left")
+            r = optimizer.rank
+            out.append(((n, m), (m, r)) if side == "right" else ((m, n), (r, n)))
+    return out
+
+
+def _base_groups(model: ModelShape, optimizer: OptimizerShape) -> list[list[tuple[int, ...]]]:
+    """Shapes the base optimizer steps, by its parameter group (``lowrank.factory``'s order: low-rank stand-ins,
+    plain matrices, 1-D parameters)."""
+    stand_ins = [r for _, r in _lowrank_shapes(model, optimizer)]
+    plain = [shape for name, shape in model.parameters() if not _is_target(name, shape, optimizer)]
+    groups = [stand_ins, [p for p in plain if len(p) > 1], [p for p in plain if len(p) <= 1]]
+    return [g for g in groups if g]
+
+
+def _update_bytes(groups: list[list[tuple[int, ...]]], optimizer: OptimizerShape, training: TrainingShape) -> int:
+    """The base update's temporaries over ``groups`` (:mod:`lowrank.memory_workspace`)."""
+    s = training.param_dtype.itemsize
+    if optimizer.state_precision != "fp32":
+        shapes = [shape for group in groups for shape in group]
+        return workspace.compact_bytes(shapes, s, training.device)
+    sizes = [[math.prod(shape) for shape in group] for group in groups]
+    if training.device == "cuda":
+        return workspace.adamw_foreach_bytes(sizes, s)
+    return workspace.adamw_single_tensor_bytes(sizes, s)
+
+
+def _refresh_bytes(oriented: tuple[int, int], optimizer: OptimizerShape, training: TrainingShape) -> int:
+    return workspace.svd_bytes(oriented, optimizer.rank, optimizer.selector, training.param_dtype.itemsize)
+
+
+def _held_old_bases(model: ModelShape, optimizer: OptimizerShape, dtype: torch.dtype) -> int:
+    """Old bases the largest stagger slice's refresh records hold until its step ends (slice j = floor(i k / n))."""
+    shapes = _lowrank_shapes(model, optimizer)
+    slices: dict[int, int] = {}
+    for place, (oriented, _) in enumerate(shapes):
+        j = place * optimizer.stagger // len(shapes)
+        slices[j] = slices.get(j, 0) + oriented[0] * optimizer.rank * dtype.itemsize
+    return max(slices.values(), default=0)
+
+
+def workspace_bytes(model: ModelShape, optimizer: OptimizerShape, training: TrainingShape) -> dict[str, int]:
+    """Temporaries of the two candidate peaks, ``backward`` and ``step`` (``MemoryEstimate``), beyond the
+    activations and the gradients respectively.
+
+    In backward, the loss's own backward holds the float32 gradient of the logits (and its cast to the parameter
+    dtype) beside every activation; by the time the output head's backward runs, the log-softmax output it saved is
+    released (-4 N V) and the head's gradient arrives beside the logits' gradient in the parameter dtype. Under
+    per-layer updates that gradient and its update (or a low-rank weight's and its refresh) take the head's place,
+    every activation still counted alive (the earliest weights are the largest)."""
+    s, n = training.param_dtype.itemsize, training.micro_batch_size * training.seq_len
+    v, c = model.vocab_size, model.hidden_size
+    loss_backward = 4 * n * v + (n * v * s if s < 4 else 0)
+    released = -4 * n * v  # the log-softmax's saved output, freed once the loss's backward ran
+    lowrank = _lowrank_shapes(model, optimizer)
+    if training.per_layer_updates:  # one weight at a time
+        per_weight = []
+        for name, shape in model.parameters():
+            if not _is_target(name, shape, optimizer):
+                per_weight.append(math.prod(shape) * s + _update_bytes([[shape]], optimizer, training))
+        for oriented, r_shape in lowrank:
+            projected = 2 * math.prod(r_shape) * s + _update_bytes([[r_shape]], optimizer, training)
+            refresh = _refresh_bytes(oriented, optimizer, training) + oriented[0] * optimizer.rank * s
+            per_weight.append(math.prod(oriented) * s + max(projected, refresh))
+        return {"backward": max(loss_backward, released + max(per_weight)), "step": 0}
+    head_backward = released + n * v * s + v * c * s  # the logits' gradient and the head's
+    projected = 2 * s * sum(math.prod(r) for _, r in lowrank)
+    update = projected + _update_bytes(_base_groups(model, optimizer), optimizer, training)
+    refresh = max((_refresh_bytes(o, optimizer, training) for o, _ in lowrank), default=0)
+    held = _held_old_bases(model, optimizer, training.param_dtype) if lowrank else 0
+    return {"backward": max(loss_backward, head_backward), "step": held + max(update, refresh)}
+
+
 def estimate_memory(model: ModelShape, optimizer: OptimizerShape, training: TrainingShape) -> MemoryEstimate:
-    """Bytes per device by component for one training step (module docstring)."""
+    """Bytes per device by component for one training step, and the modelled peak (module docstring)."""
     _check(optimizer, training)
     dtype = training.param_dtype
     weights = weight_bytes(model, dtype)
@@ -279,10 +401,16 @@ def estimate_memory(model: ModelShape, optimizer: OptimizerShape, training: Trai
         gradients = weights
     buckets = weights if training.world_size > 1 else 0
     state = optimizer_bytes(model, optimizer, dtype)
+    activations = activation_bytes(model, training)["total"]
+    work = workspace_bytes(model, optimizer, training)
+    backward, step = activations + work["backward"], gradients + work["step"]
+    phase = "step" if step > backward and not training.per_layer_updates else "backward"
     return MemoryEstimate(
         weights=weights,
         gradients=gradients,
         grad_buckets=buckets,
-        activations=activation_bytes(model, training)["total"],
+        activations=activations,
+        workspace=work[phase],
+        peak_phase=phase,
         **state,
     )

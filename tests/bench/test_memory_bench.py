@@ -9,7 +9,14 @@ import pytest
 
 from tests.bench.quick import run_quick
 
-VARIANTS = {"adamw-bf16", "adamw-8bit", "lowrank-8bit", "lowrank-8bit-per-layer"}
+VARIANTS = {
+    "adamw-fp32",
+    "adamw-8bit",
+    "lowrank-fp32",
+    "lowrank-8bit",
+    "lowrank-8bit-per-layer",
+    "lowrank-8bit-per-layer-ckpt",
+}
 
 
 @pytest.mark.slow
@@ -21,7 +28,16 @@ def test_quick_run_writes_measured_and_estimated(tmp_path: Path) -> None:
     rows = {row["variant"]: row for row in result["rows"]}
     assert set(rows) == VARIANTS
     for variant, row in rows.items():
-        assert row["error"] is None, (variant, row["error"])
-        assert row["estimated_bytes"] > 0 and row["measured_bytes"] > 0 and row["ratio"] > 0
+        assert row["child"]["error"] is None, (variant, row["child"]["error"])
+        assert row["estimated_bytes"] > 0 and row["measured_bytes"] > 0
+        assert row["error_fraction"] == round(row["estimated_bytes"] / row["measured_bytes"] - 1, 4)
         assert row["estimate"]["total"] == row["estimated_bytes"]
-    assert out.with_suffix(".md").exists() and "| variant" in done.stdout
+        assert row["gated"] is False and row["passes"] is None  # tiny rows are far below 2 GiB
+        # every phase reported, the peak the largest of them; step 1 refreshed a slice of the low-rank weights
+        assert max(row["child"]["phases"].values()) <= row["measured_bytes"]
+        if variant.startswith("lowrank"):
+            assert row["child"]["refreshed"][0] == 14 and 0 < row["child"]["refreshed"][1] < 14
+            assert row["stagger1_child"]["refreshed"] == [14, 0, 14] and row["stagger1_measured_bytes"] > 0
+    assert [r["row"] for r in result["table_7b"]][-1] == "8-bit low-rank r1024, per-layer"
+    assert abs(result["table_7b"][-1]["error_vs_published"]) <= 0.10
+    assert out.with_suffix(".md").exists() and "| size" in done.stdout and "GaLore published" in done.stdout

@@ -1,0 +1,98 @@
+"""One row of ``bench/memory.py`` in its own process: build the recipe's model in the row's dtype, a few training
+steps with a refresh, and the peak memory above the baseline after each phase.
+
+CPU: resident memory (``ru_maxrss``, the process's peak so far) minus the resident memory just before the model is
+built; GPU: ``torch.cuda.max_memory_allocated`` (the allocator starts at zero). Reading the peak after every phase
+says which phase set it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from typing import Any
+
+import torch
+
+from lowrank.factory import build_optimizer
+from lowrank.optimizer import LowRankOptimizer
+from lowrank.per_layer import enable_per_layer
+from lowrank_recipes.recipes.model import Llama, causal_lm_loss
+
+from _common import current_rss_bytes, peak_rss_bytes
+from _memory_rows import SIZES, VARIANTS, model_config, optimizer_settings
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state tensors with data (moments, bases, scales; 0-dim counters excluded)."""
+    entries = optimizer.state.values()
+    return sum(v.numel() * v.element_size() for e in entries for v in e.values() if torch.is_tensor(v) and v.dim())
+
+
+def _warm_up(size: str, variant: str, device: torch.device) -> None:
+    """Two steps of a tiny model with the row's optimizer: torch's one-time costs (kernel libraries, thread pools,
+    the autograd engine, the SVD's workspace queries) happen before the baseline instead of inside the peak."""
+    spec = SIZES[size]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(spec.dtype)
+    try:
+        with torch.device(device):
+            net = Llama(
+                dataclasses.replace(SIZES["tiny"].config, activation_checkpointing=VARIANTS[variant].checkpointing)
+            )
+    finally:
+        torch.set_default_dtype(default)
+    settings = optimizer_settings(size, variant, 1)
+    if "lowrank" in settings:
+        settings["lowrank"]["rank"] = 8
+    optimizer = build_optimizer(net, settings)
+    ids = torch.randint(0, 512, (1, 33), device=device)
+    for _ in range(2):
+        causal_lm_loss(net(ids[:, :-1]), ids[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    del net, optimizer
+    gc.collect()
+
+
+def run_row(size: str, variant: str, stagger: int, steps: int, device: torch.device) -> dict[str, Any]:
+    """Runs ``steps`` training steps of the row; the peak bytes above the baseline, overall and after each phase,
+    and the optimizer's state bytes counted from its tensors."""
+    spec, row = SIZES[size], VARIANTS[variant]
+    _warm_up(size, variant, device)
+    baseline = current_rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def peak() -> int:
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device)
+        return peak_rss_bytes() - baseline
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(spec.dtype)  # built in the row's dtype, as Lightning's "bf16-true" does
+    try:
+        with torch.device(device):
+            net = Llama(model_config(size, variant))
+    finally:
+        torch.set_default_dtype(default)
+    phases = {"build": peak()}
+    optimizer = build_optimizer(net, optimizer_settings(size, variant, stagger))
+    updater = enable_per_layer(optimizer) if row.per_layer else None  # type: ignore[arg-type]
+    ids = torch.randint(0, spec.config.vocab_size, (spec.micro_batch, spec.seq_len + 1), device=device)
+    refreshed: list[int] = []
+    for step in range(steps):
+        if isinstance(optimizer, LowRankOptimizer):
+            refreshed.append(len(optimizer.due(step)))
+        loss = causal_lm_loss(net(ids[:, :-1]), ids[:, 1:])
+        phases[f"step{step}.forward"] = peak()
+        loss.backward()
+        del loss
+        phases[f"step{step}.backward"] = peak()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        phases[f"step{step}.optimizer"] = peak()
+    if updater is not None:
+        updater.remove()
+    return {"measured_bytes": peak(), "phases": phases, "state_bytes": _state_bytes(optimizer), "refreshed": refreshed}
