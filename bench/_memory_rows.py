@@ -75,13 +75,13 @@ def stagger_of(size: str, variant: str, stagger_one: bool) -> int:
 
 
 def optimizer_settings(size: str, variant: str, stagger: int) -> dict[str, Any]:
-    """The ``optimizer`` section of the run: with stagger k the update gap is max(k, 2), so slice 1 refreshes at
-    step 1 and every parameter got its first basis at step 0 (stagger 1: everything refreshes again at step 2)."""
+    """The ``optimizer`` section of the run: update gap = stagger k, so that step 0 gives every low-rank weight its
+    first basis and step 1 refreshes slice 1 (k = 1: every weight again)."""
     spec, row = SIZES[size], VARIANTS[variant]
     settings: dict[str, Any] = {"name": row.optimizer, "lr": 1e-3, "state_precision": row.precision}
     if row.optimizer == "lowrank":
         settings["lowrank"] = {"rank": spec.rank, "selector": spec.selector, "seed": 0}
-        settings["refresh"] = {"update_gap": max(stagger, 2), "stagger": stagger}
+        settings["refresh"] = {"update_gap": stagger, "stagger": stagger}
     return settings
 
 

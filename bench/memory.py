@@ -2,19 +2,22 @@
 ``lowrank.memory.estimate_memory``, one row per fresh process, and the estimator's 7B table beside GaLore's figures.
 
 Rows (``bench/_memory_rows.py``): 60M and 130M in fp32, 350M and 1B in bf16 ("bf16-true": weights, gradients and
-torch AdamW's moments in bf16), micro-batch 1 x sequence 256; variants AdamW with fp32 states (moments in the
-parameter dtype), AdamW with 8-bit states, low-rank with fp32 and 8-bit states, low-rank 8-bit with per-layer
-updates, and at 1B the same with activation checkpointing. Each row is a child process (this script with
-``--child``) that builds the model in its dtype, runs ``--steps`` steps (step 0 gives every low-rank weight its
-first basis, step 1 refreshes one slice) and reports its peak above the memory before the model was built: resident
-memory on a CPU (the children run with glibc's mmap threshold fixed, so freed buffers go back to the system and the
-resident peak follows the live tensors), the allocator's peak on a GPU. Low-rank rows refresh with stagger = the
-number of layers (a refresh step re-selects one layer's matrices); each is run a second time with stagger 1
-(every basis at once, whose refresh holds the old and new bases of every matrix together) and that peak is printed
-beside it.
+torch AdamW's moments in bf16), micro-batch 1 x sequence 256, ranks 128 / 256 / 256 / 512; variants AdamW with fp32
+states (moments in the parameter dtype), AdamW with 8-bit states, low-rank with fp32 and 8-bit states, low-rank 8-bit
+with per-layer updates, and at 1B the same with activation checkpointing. Refreshes use the exact SVD (importance
+sampling) up to 350M and the randomized one at 1B.
+
+Each row is a child process (this script with ``--child``) that builds the model in its dtype, runs ``--steps``
+steps (step 0 gives every low-rank weight its first basis, step 1 refreshes one slice) and reports its peak above
+the memory before the model was built: resident memory on a CPU, the allocator's peak on a GPU. On a CPU the child
+first runs two steps of a tiny model with the same optimizer, so that torch's one-time costs (kernel libraries,
+thread pools) fall before the baseline, and runs with glibc's mmap threshold fixed at 64 KiB, so that freed buffers
+go back to the system and the resident peak follows the live tensors. Low-rank rows refresh with stagger = the
+number of layers (a refresh step re-selects one layer's matrices); each is run a second time with stagger 1 (every
+basis at once: the step's refresh records hold every old basis until it ends) and that peak is printed beside it.
 
     python bench/memory.py --quick                 # tiny shapes, seconds (a test runs this)
-    python bench/memory.py                         # every 60M-1B row (about 30 minutes on 2 cores)
+    python bench/memory.py                         # every 60M-1B row (about 35 minutes on 2 cores)
     python bench/memory.py --sizes 60m 130m        # some sizes
     python bench/memory.py --table-7b              # the estimator's 7B table only, no training
 
@@ -126,7 +129,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (seconds)")
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), help="only these sizes (default: 60m-1b)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="only these variants")
-    parser.add_argument("--steps", type=int, default=3, help="training steps per row (>= 2: step 1 refreshes)")
+    parser.add_argument("--steps", type=int, default=2, help="training steps per row (>= 2: step 1 refreshes)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-stagger-one", action="store_true", help="skip the stagger-1 runs of low-rank rows")
     parser.add_argument("--table-7b", action="store_true", help="print and write the 7B table only")
