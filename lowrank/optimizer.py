@@ -193,6 +193,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._schedule = as_schedule(schedule)
         self.group_table: Any = None
         self._stand_ins: dict[torch.Tensor, torch.Tensor] = {}
+        self._companions: dict[torch.Tensor, torch.Tensor] = {}  # projected gradients: weight -> companion
         self._base: torch.optim.Optimizer | None = None
         self._selectors: dict[tuple[Any, ...], SubspaceSelector] = {}
         # Refreshes: whether resample() already ran this step's scheduled refreshes (step() then does not), the
@@ -503,6 +504,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self._run(self._scheduled(None), self._schedule.split_across_ranks)
         active = []  # (group, param, stand-in, basis, side)
         for group, name, param in self._lowrank_params():
+            if param in self._companions:  # projected gradients (lowrank.projected): R is the companion's gradient
+                entry = self._companion_entry(group, name, param)
+                active.extend([] if entry is None else [entry])
+                continue
             if param.grad is None:
                 self._stand_ins[param].grad = None
                 continue
@@ -556,6 +561,53 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._apply_update(*entry)
         entry[2].grad = None
         _release(entry[2])
+
+    def _companion_entry(
+        self, group: dict[str, Any], name: str, param: torch.Tensor
+    ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor, str] | None:
+        """The update entry of a weight with projected gradients: on the steps that formed G (a refresh, a first
+        basis) R = project(G, B) on the basis just installed, replacing the R on the old basis, and G is freed;
+        otherwise the companion's gradient as it is."""
+        companion = self._companions[param]
+        if param.grad is not None:
+            entry = self._project_grad(group, name, param, zero=False)
+            param.grad = None
+            return entry
+        if companion.grad is None:
+            return None
+        return group, param, companion, self.state[param]["lowrank_basis"], _side(group, param)
+
+    # ------------------------------------------------------------------------------------- projected gradients
+    def projected_weights(self) -> list[torch.Tensor]:
+        """The low-rank weights whose gradient backward forms in projected form (lowrank.projected)."""
+        return list(self._companions)
+
+    def side_of(self, param: torch.Tensor) -> str:
+        """The projection side (left | right) of low-rank parameter ``param``."""
+        gi, _ = _locate(self._where, self.param_groups, param)
+        return _side(self.param_groups[gi], param)
+
+    def attach_companion(self, param: torch.Tensor, companion: torch.Tensor) -> None:
+        """Makes ``companion`` (R's shape, a parameter whose gradient backward fills with R: lowrank.projected)
+        ``param``'s stand-in, the tensor the base optimizer steps (its state moves along)."""
+        self._swap_stand_in(param, companion)
+        companion._lowrank_companion = True  # type: ignore[attr-defined]  # keeps its storage (_release)
+        self._companions[param] = companion
+
+    def detach_companion(self, param: torch.Tensor) -> None:
+        """Gives ``param`` a plain stand-in again (its state moves along)."""
+        companion = self._companions.pop(param)
+        self._swap_stand_in(
+            param, _release(torch.empty(companion.shape, dtype=companion.dtype, device=companion.device))
+        )
+
+    def _swap_stand_in(self, param: torch.Tensor, new: torch.Tensor) -> None:
+        old = self._stand_ins[param]
+        for group in self._base.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        if old in self._base.state:
+            self._base.state[new] = self._base.state.pop(old)
+        self._stand_ins[param] = new
 
     def _project_grad(
         self, group: dict[str, Any], name: str, param: torch.Tensor, zero: bool = True
@@ -683,7 +735,7 @@ def _materialize(stand_in: torch.Tensor) -> torch.Tensor:
 def _release(stand_in: torch.Tensor) -> torch.Tensor:
     """Frees a plain stand-in's storage, keeping the tensor (its identity keys the base's state, its shape and
     dtype the base's checks); DTensor stand-ins keep theirs."""
-    if not is_dtensor(stand_in):
+    if not is_dtensor(stand_in) and not getattr(stand_in, "_lowrank_companion", False):
         stand_in.untyped_storage().resize_(0)
     return stand_in
 

@@ -96,6 +96,11 @@ def per_layer_problems(optimizer: Any, clip_norm: Any = None) -> list[str]:
         problems.append(f"clip_norm: invalid value {clip_norm!r}; accepted: a number > 0 (per-parameter norm) or None")
     if optimizer.per_layer is not None:
         problems.append("already enabled on this optimizer (call remove() on the active updater first)")
+    if optimizer.projected_weights():
+        problems.append(
+            "projected gradients are on (lowrank.projected): the weights get no full gradient to step on inside "
+            "backward; use one or the other"
+        )
     if optimizer.schedule.split_across_ranks:
         problems.append(
             "schedule.split_across_ranks is True: bases refresh inside backward one parameter at a time, with nothing "

@@ -1,0 +1,203 @@
+"""Projected gradients (lowrank.projected) against the ordinary path: the same weights in float64, and no full-size
+weight gradient formed between refreshes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lowrank.factory import build_optimizer
+from lowrank.projected import enable_projected_gradients
+from lowrank_recipes.recipes.model import Llama, LlamaConfig, causal_lm_loss
+
+TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4, num_layers=2, max_seq_len=16)
+STEPS, GAP, ACCUMULATE = 12, 3, 2  # refreshes at steps 0 (first bases), 3, 6 and 9
+
+
+def _settings(side: str, selector: str, policy: str, precision: str = "fp32") -> dict:
+    return {
+        "name": "lowrank",
+        "lr": 1e-2,
+        "state_precision": precision,
+        "lowrank": {"rank": 4, "side": side, "selector": selector, "moment_policy": policy, "seed": 3},
+        "refresh": {"update_gap": GAP},
+    }
+
+
+def _train(model: nn.Module, settings: dict, projected: bool, batches: list[torch.Tensor], loss_fn) -> nn.Module:
+    optimizer = build_optimizer(model, settings)
+    handle = enable_projected_gradients(model, optimizer) if projected else None
+    for step in range(STEPS):
+        for micro in range(ACCUMULATE):
+            (loss_fn(model, batches[step * ACCUMULATE + micro]) / ACCUMULATE).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if handle is not None:
+        handle.remove()
+    return model
+
+
+def _lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return causal_lm_loss(model(ids[:, :-1]), ids[:, 1:])
+
+
+class MLP(nn.Module):
+    """A foreign model: two linear layers with a bias, no LLaMA naming."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(12, 40)
+        self.down = nn.Linear(40, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.tanh(self.up(x)))
+
+
+def _mlp_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return (model(batch[:, :12]) - batch[:, 12:22]).pow(2).mean()
+
+
+@pytest.mark.parametrize("policy", ["keep", "rotate"])
+@pytest.mark.parametrize("selector", ["dominant", "importance"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_projected_training_equals_the_ordinary_path_in_float64(side: str, selector: str, policy: str) -> None:
+    torch.manual_seed(0)
+    model = Llama(TINY).double()
+    batches = [torch.randint(0, TINY.vocab_size, (2, 9)) for _ in range(STEPS * ACCUMULATE)]
+    settings = _settings(side, selector, policy)
+    ordinary = _train(copy.deepcopy(model), settings, False, batches, _lm_loss)
+    projected = _train(copy.deepcopy(model), settings, True, batches, _lm_loss)
+    before = dict(model.named_parameters())
+    for name, param in projected.named_parameters():
+        expected = dict(ordinary.named_parameters())[name]
+        torch.testing.assert_close(param, expected, rtol=1e-10, atol=1e-13, msg=name)
+        assert not torch.equal(param, before[name]), name  # every weight moved
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_projected_training_of_a_foreign_mlp_equals_the_ordinary_path(side: str) -> None:
+    torch.manual_seed(0)
+    model = MLP().double()
+    batches = [torch.randn(8, 22, dtype=torch.float64) for _ in range(STEPS * ACCUMULATE)]
+    settings = _settings(side, "importance", "keep") | {"lowrank": {"rank": 4, "side": side, "targets": [r"\bup\b"]}}
+    ordinary = _train(copy.deepcopy(model), settings, False, batches, _mlp_loss)
+    projected = _train(copy.deepcopy(model), settings, True, batches, _mlp_loss)
+    for (name, param), (_, expected) in zip(projected.named_parameters(), ordinary.named_parameters(), strict=True):
+        torch.testing.assert_close(param, expected, rtol=1e-10, atol=1e-13, msg=name)
+
+
+class _FullSizeRecorder(TorchDispatchMode):
+    """Shapes of the outputs of every non-view op while active, excluding outputs that alias ``exclude``."""
+
+    def __init__(self, exclude: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.storages = {t.untyped_storage().data_ptr() for t in exclude}
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            for t in out if isinstance(out, list | tuple) else [out]:
+                if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in self.storages:
+                    self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_no_full_size_weight_gradient_between_refreshes(checkpointing: bool) -> None:
+    """The 40 x 12 weight of ``up`` (480 elements, a shape no activation has) gets no (40, 12) or (12, 40) tensor
+    in backward on a step without refresh, and its full gradient on a refresh step."""
+    torch.manual_seed(0)
+    model = MLP()
+    optimizer = build_optimizer(
+        model, _settings("auto", "importance", "keep") | {"lowrank": {"rank": 4, "targets": [r"\bup\b"]}}
+    )
+    handle = enable_projected_gradients(model, optimizer)
+    full = {(40, 12), (12, 40)}
+
+    def backward_shapes(batch: torch.Tensor) -> tuple[list[tuple[int, ...]], torch.Tensor | None]:
+        if checkpointing:
+            loss = torch.utils.checkpoint.checkpoint(_mlp_loss, model, batch, use_reentrant=False)
+        else:
+            loss = _mlp_loss(model, batch)
+        with _FullSizeRecorder([model.up.weight]) as recorder:
+            loss.backward()
+        grad = model.up.weight.grad
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return recorder.shapes, grad
+
+    for step in range(2 * GAP):
+        shapes, grad = backward_shapes(torch.randn(5, 22))
+        if step % GAP == 0:  # refresh steps (the first gives the basis)
+            assert grad is not None and tuple(grad.shape) == (40, 12)
+        else:
+            assert grad is None and not full & set(shapes), (step, shapes)
+            assert model.up.weight_projected.grad is None  # consumed by the step
+    handle.remove()
+    assert not hasattr(model.up, "weight_projected")
+
+
+def _trained_state(model: nn.Module, settings: dict, projected: bool, batches: list[torch.Tensor]) -> dict:
+    optimizer = build_optimizer(model, settings)
+    handle = enable_projected_gradients(model, optimizer) if projected else None
+    for step in range(STEPS):
+        _lm_loss(model, batches[step]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    state = optimizer.state_dict()["state"]
+    if handle is not None:
+        handle.remove()
+    return state
+
+
+WIDER = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=160, num_heads=4, num_layers=2, max_seq_len=16)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_projected_training_keeps_the_same_8bit_codes(side: str) -> None:
+    """Rank 32 on 160 x 64 MLP weights: moments of 5120 elements, above the 8-bit threshold (4096). Batches of 8 x 16
+    tokens: a gradient of fewer tokens than r has zero singular values whose vectors are arbitrary, and the two
+    paths' last-bit differences would pick different ones."""
+    torch.manual_seed(0)
+    model = Llama(WIDER).double()
+    batches = [torch.randint(0, WIDER.vocab_size, (8, 17)) for _ in range(STEPS)]
+    settings = _settings(side, "importance", "keep", precision="8bit")
+    settings["lowrank"]["rank"] = 32
+    ordinary = _trained_state(copy.deepcopy(model), settings, False, batches)
+    projected = _trained_state(copy.deepcopy(model), settings, True, batches)
+    flips = 0
+    for index, entry in ordinary.items():
+        for key, value in entry.items():
+            other = projected[index][key]
+            if value.dtype == torch.uint8:
+                flips += int((value != other).sum())
+            else:
+                torch.testing.assert_close(other, value, rtol=1e-10, atol=1e-13, msg=f"{index}.{key}")
+    assert any(v.dtype == torch.uint8 for e in ordinary.values() for v in e.values())
+    assert flips == 0
+
+
+def test_projected_gradients_and_per_layer_updates_refuse_each_other() -> None:
+    from lowrank.per_layer import enable_per_layer
+
+    model = MLP()
+    settings = _settings("auto", "importance", "keep") | {"lowrank": {"rank": 4, "targets": [r"\bup\b"]}}
+    optimizer = build_optimizer(model, settings)
+    handle = enable_projected_gradients(model, optimizer)
+    with pytest.raises(ValueError, match="projected gradients are on"):
+        enable_per_layer(optimizer)
+    handle.remove()
+    updater = enable_per_layer(optimizer)
+    with pytest.raises(ValueError, match="per-layer updates step inside backward"):
+        enable_projected_gradients(model, optimizer)
+    updater.remove()
+    with pytest.raises(ValueError, match="Fira's residual"):
+        fira = build_optimizer(model, settings | {"lowrank": {"rank": 4, "targets": [r"\bup\b"], "fira": True}})
+        enable_projected_gradients(model, fira)
+    with pytest.raises(ValueError, match="needs a LowRankOptimizer"):
+        enable_projected_gradients(model, torch.optim.AdamW(model.parameters()))
