@@ -17,7 +17,7 @@ number of layers (a refresh step re-selects one layer's matrices); each is run a
 basis at once: the step's refresh records hold every old basis until it ends) and that peak is printed beside it.
 
     python bench/memory.py --quick                 # tiny shapes, seconds (a test runs this)
-    python bench/memory.py                         # every 60M-1B row (about 35 minutes on 2 cores)
+    python bench/memory.py                         # every 60M-1B row (about 42 minutes on 2 cores)
     python bench/memory.py --sizes 60m 130m        # some sizes
     python bench/memory.py --table-7b              # the estimator's 7B table only, no training
 
@@ -32,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +54,16 @@ def run_child(size: str, variant: str, stagger: int, args: argparse.Namespace) -
     command = [sys.executable, __file__, "--child", size, variant, str(stagger), "--steps", str(args.steps)]
     command += ["--device", args.device]
     env = {**os.environ, **CHILD_ENV}
+    start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.child_timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"measured_bytes": None, "error": f"timed out after {args.child_timeout:.0f} s"}
+    seconds = round(time.perf_counter() - start, 1)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
-            return {**json.loads(line[len("RESULT ") :]), "error": None}
-    return {"measured_bytes": None, "error": (done.stderr or done.stdout)[-800:]}
+            return {**json.loads(line[len("RESULT ") :]), "error": None, "seconds": seconds}
+    return {"measured_bytes": None, "error": (done.stderr or done.stdout)[-800:], "seconds": seconds}
 
 
 def measure_row(size: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -31,7 +31,7 @@ def test_quick_run_writes_measured_and_estimated(tmp_path: Path) -> None:
         assert row["child"]["error"] is None, (variant, row["child"]["error"])
         assert row["estimated_bytes"] > 0 and row["measured_bytes"] > 0
         assert row["error_fraction"] == round(row["estimated_bytes"] / row["measured_bytes"] - 1, 4)
-        assert row["estimate"]["total"] == row["estimated_bytes"]
+        assert row["estimate"]["total"] == row["estimated_bytes"] and row["child"]["seconds"] > 0
         assert row["gated"] is False and row["passes"] is None  # tiny rows are far below 2 GiB
         # every phase reported, the peak the largest of them; step 1 refreshed a slice of the low-rank weights
         assert max(row["child"]["phases"].values()) <= row["measured_bytes"]
