@@ -81,6 +81,16 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def reset_peak(device: torch.device) -> None:
+    """Starts the peak over: the allocator's peak on a GPU; on Linux the resident high-water mark (``ru_maxrss``
+    follows it), by writing 5 to ``/proc/self/clear_refs``."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |" for line in [header, *rows]]

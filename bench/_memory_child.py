@@ -3,7 +3,8 @@ steps with a refresh, and the peak memory above the baseline after each phase.
 
 CPU: resident memory (``ru_maxrss``, the process's peak so far) minus the resident memory just before the model is
 built; GPU: ``torch.cuda.max_memory_allocated`` (the allocator starts at zero). Reading the peak after every phase
-says which phase set it.
+says which phase set it. Projected-gradient rows reset the peak after step 0 (Linux: ``/proc/self/clear_refs``),
+so that they report the steady state; their phases keep step 0's.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 from lowrank.factory import build_optimizer
 from lowrank.optimizer import LowRankOptimizer
 from lowrank.per_layer import enable_per_layer
+from lowrank.projected import enable_projected_gradients
 from lowrank_recipes.recipes.model import Llama, causal_lm_loss
 
-from _common import current_rss_bytes, peak_rss_bytes
+from _common import current_rss_bytes, peak_rss_bytes, reset_peak
 from _memory_rows import SIZES, VARIANTS, model_config, optimizer_settings
 
 
@@ -80,6 +82,7 @@ def run_row(size: str, variant: str, stagger: int, steps: int, device: torch.dev
     phases = {"build": peak()}
     optimizer = build_optimizer(net, optimizer_settings(size, variant, stagger))
     updater = enable_per_layer(optimizer) if row.per_layer else None  # type: ignore[arg-type]
+    projected = enable_projected_gradients(net, optimizer) if row.projected else None  # type: ignore[arg-type]
     ids = torch.randint(0, spec.config.vocab_size, (spec.micro_batch, spec.seq_len + 1), device=device)
     refreshed: list[int] = []
     for step in range(steps):
@@ -93,6 +96,10 @@ def run_row(size: str, variant: str, stagger: int, steps: int, device: torch.dev
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         phases[f"step{step}.optimizer"] = peak()
+        if step == 0 and projected is not None:  # steady state: from step 1 on (step 0 formed every G)
+            reset_peak(device)
     if updater is not None:
         updater.remove()
+    if projected is not None:
+        projected.remove()
     return {"measured_bytes": peak(), "phases": phases, "state_bytes": _state_bytes(optimizer), "refreshed": refreshed}

@@ -29,12 +29,14 @@ class Size:
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """An optimizer variant: ``optimizer`` adamw | lowrank, ``precision`` of Adam's moments (fp32: torch AdamW,
-    whose moments follow the parameter dtype), per-layer weight updates, activation checkpointing."""
+    whose moments follow the parameter dtype), per-layer weight updates, activation checkpointing, projected
+    gradients (lowrank.projected; measured from step 1 on: step 0 forms every full gradient for the first bases)."""
 
     optimizer: str
     precision: str
     per_layer: bool = False
     checkpointing: bool = False
+    projected: bool = False
 
 
 SIZES: dict[str, Size] = {
@@ -51,13 +53,15 @@ VARIANTS: dict[str, Variant] = {
     "lowrank-8bit": Variant("lowrank", "8bit"),
     "lowrank-8bit-per-layer": Variant("lowrank", "8bit", per_layer=True),
     "lowrank-8bit-per-layer-ckpt": Variant("lowrank", "8bit", per_layer=True, checkpointing=True),
+    "lowrank-8bit-projected": Variant("lowrank", "8bit", projected=True),
 }
-# (size, variant) pairs measured by default: every variant at every size, activation checkpointing at 1B only.
+# (size, variant) pairs measured by default: every variant at every size, activation checkpointing at 1B only;
+# projected gradients on request (--variants) until they run under DDP and FSDP2 too.
 DEFAULT_ROWS: tuple[tuple[str, str], ...] = tuple(
     (size, variant)
     for size in ("60m", "130m", "350m", "1b")
     for variant in VARIANTS
-    if size == "1b" or not VARIANTS[variant].checkpointing
+    if (size == "1b" or not VARIANTS[variant].checkpointing) and not VARIANTS[variant].projected
 )
 QUICK_ROWS: tuple[tuple[str, str], ...] = tuple(("tiny", variant) for variant in VARIANTS)
 
@@ -92,6 +96,12 @@ def shapes(size: str, variant: str, stagger: int, device: str) -> tuple[ModelSha
         name=row.optimizer, rank=spec.rank, state_precision=row.precision, selector=spec.selector, stagger=stagger
     )
     training = TrainingShape(
-        spec.micro_batch, spec.seq_len, spec.dtype, row.checkpointing, row.per_layer, device=device
+        spec.micro_batch,
+        spec.seq_len,
+        spec.dtype,
+        row.checkpointing,
+        row.per_layer,
+        device=device,
+        projected_gradients=row.projected,
     )
     return ModelShape.from_config(spec.config), optimizer, training

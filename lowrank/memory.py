@@ -177,9 +177,10 @@ class OptimizerShape:
 @dataclasses.dataclass(frozen=True)
 class TrainingShape:
     """Tokens per device (``micro_batch_size`` x ``seq_len``), parameter dtype, activation checkpointing, per-layer
-    updates, the data-parallel world size (DDP: every device holds everything) and the ``device`` kind, cpu or cuda:
-    it decides the optimizer's temporaries (torch AdamW's single-tensor or foreach implementation, CompactAdamW's
-    chunk size)."""
+    updates, the data-parallel world size (DDP: every device holds everything), the ``device`` kind, cpu or cuda
+    (it decides the optimizer's temporaries: torch AdamW's single-tensor or foreach implementation, CompactAdamW's
+    chunk size) and projected gradients (:mod:`lowrank.projected`: steady state, after the first step, which forms
+    every full gradient once to give every weight its first basis)."""
 
     micro_batch_size: int = 1
     seq_len: int = 256
@@ -188,11 +189,13 @@ class TrainingShape:
     per_layer_updates: bool = False
     world_size: int = 1
     device: str = "cuda"
+    projected_gradients: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per device by component; ``optimizer`` = ``moments`` + ``scales`` + ``bases`` + ``fira_norms``.
+    """Bytes per device by component; ``optimizer`` = ``moments`` + ``scales`` + ``bases`` + ``fira_norms`` +
+    ``companions`` (projected gradients: the R-shaped parameters the base optimizer steps, kept between steps).
 
     ``peak_phase`` is where the modelled peak falls: ``backward`` (activations alive, plus ``workspace``: the logits'
     gradient, the first weight gradients, under per-layer updates one weight's update or refresh) or ``step`` (every
@@ -210,10 +213,11 @@ class MemoryEstimate:
     activations: int
     workspace: int = 0
     peak_phase: str = "step"
+    companions: int = 0
 
     @property
     def optimizer(self) -> int:
-        return self.moments + self.scales + self.bases + self.fira_norms
+        return self.moments + self.scales + self.bases + self.fira_norms + self.companions
 
     @property
     def total(self) -> int:
@@ -241,6 +245,8 @@ def _check(optimizer: OptimizerShape, training: TrainingShape) -> None:
         problems.append(f"selector {optimizer.selector!r}; accepted: {', '.join(SELECTOR_NAMES)}")
     if training.device not in ("cpu", "cuda"):
         problems.append(f"device {training.device!r}; accepted: cpu, cuda")
+    if training.projected_gradients and (optimizer.name != "lowrank" or optimizer.fira or training.per_layer_updates):
+        problems.append("projected_gradients need the lowrank optimizer without Fira and without per_layer_updates")
     if training.per_layer_updates and training.world_size > 1:
         problems.append("per_layer_updates need world_size 1 (the hooks step before gradients are reduced)")
     if problems:
@@ -358,6 +364,16 @@ def _held_old_bases(model: ModelShape, optimizer: OptimizerShape, dtype: torch.d
     return max(slices.values(), default=0)
 
 
+def _refresh_slice_gradients(model: ModelShape, optimizer: OptimizerShape, dtype: torch.dtype) -> int:
+    """Full gradients (m n) of the largest stagger slice: what a refresh step forms under projected gradients."""
+    shapes = _lowrank_shapes(model, optimizer)
+    slices: dict[int, int] = {}
+    for place, (oriented, _) in enumerate(shapes):
+        j = place * optimizer.stagger // len(shapes)
+        slices[j] = slices.get(j, 0) + math.prod(oriented) * dtype.itemsize
+    return max(slices.values(), default=0)
+
+
 def workspace_bytes(model: ModelShape, optimizer: OptimizerShape, training: TrainingShape) -> dict[str, int]:
     """Temporaries of the two candidate peaks, ``backward`` and ``step`` (``MemoryEstimate``), beyond the
     activations and the gradients respectively.
@@ -383,9 +399,12 @@ def workspace_bytes(model: ModelShape, optimizer: OptimizerShape, training: Trai
             per_weight.append(math.prod(oriented) * s + max(projected, refresh))
         return {"backward": max(loss_backward, released + max(per_weight)), "step": 0}
     head_backward = released + n * v * s + v * c * s  # the logits' gradient and the head's
-    projected = 2 * s * sum(math.prod(r) for _, r in lowrank)
+    # projected gradients: R is the companions' gradient (in ``gradients``) and the companions are the stand-ins
+    projected = 0 if training.projected_gradients else 2 * s * sum(math.prod(r) for _, r in lowrank)
     update = projected + _update_bytes(_base_groups(model, optimizer), optimizer, training)
     refresh = max((_refresh_bytes(o, optimizer, training) for o, _ in lowrank), default=0)
+    if training.projected_gradients:  # the refreshing slice's G lives until it is re-projected, before the update
+        refresh += _refresh_slice_gradients(model, optimizer, training.param_dtype)
     held = _held_old_bases(model, optimizer, training.param_dtype) if lowrank else 0
     return {"backward": max(loss_backward, head_backward), "step": held + max(update, refresh)}
 
@@ -395,8 +414,13 @@ def estimate_memory(model: ModelShape, optimizer: OptimizerShape, training: Trai
     _check(optimizer, training)
     dtype = training.param_dtype
     weights = weight_bytes(model, dtype)
+    companions = 0
     if training.per_layer_updates:
         gradients = max(math.prod(shape) for _, shape in model.parameters()) * dtype.itemsize
+    elif training.projected_gradients:  # plain gradients and R (a refresh slice's G: the step's workspace)
+        companions = sum(math.prod(r) for _, r in _lowrank_shapes(model, optimizer)) * dtype.itemsize
+        plain = sum(math.prod(p) for n, p in model.parameters() if not _is_target(n, p, optimizer))
+        gradients = plain * dtype.itemsize + companions
     else:
         gradients = weights
     buckets = weights if training.world_size > 1 else 0
@@ -412,5 +436,6 @@ def estimate_memory(model: ModelShape, optimizer: OptimizerShape, training: Trai
         activations=activations,
         workspace=work[phase],
         peak_phase=phase,
+        companions=companions,
         **state,
     )

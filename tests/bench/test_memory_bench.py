@@ -16,6 +16,7 @@ VARIANTS = {
     "lowrank-8bit",
     "lowrank-8bit-per-layer",
     "lowrank-8bit-per-layer-ckpt",
+    "lowrank-8bit-projected",
 }
 
 

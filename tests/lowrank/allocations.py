@@ -33,6 +33,22 @@ def allocations(fn: Callable[[], object]) -> tuple[int, int]:
     return max(m["Total Allocated"] for m in memory) - start, memory[-1]["Total Allocated"] - start
 
 
+def live_peak_within(fn: Callable[[], object], label: str) -> int:
+    """Bytes allocated at the highest point inside ``record_function(label)`` ranges that ``fn`` opens, counted from
+    what was allocated when ``fn`` started (so allocations made earlier in ``fn`` and still alive are included)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    memory = [e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
+    ranges = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X" and e.get("name") == label]
+    start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
+    inside = [m["args"]["Total Allocated"] for m in memory if any(a <= m["ts"] <= b for a, b in ranges)]
+    return max(inside) - start
+
+
 def tensor_bytes(tensors: object) -> int:
     """Bytes of the tensors in a (nested) list, tuple or dict."""
     if torch.is_tensor(tensors):

@@ -138,3 +138,37 @@ def test_stand_ins_hold_memory_only_during_an_update(per_layer: bool) -> None:
     assert all(s.untyped_storage().nbytes() == 0 for s in optimizer._stand_ins.values())
     if updater is not None:
         updater.remove()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "8bit"])
+def test_projected_gradients_steady_state_matches_the_allocations(precision: str) -> None:
+    """Steps 1-6 of projected-gradient training (after step 0, which forms every full gradient for the first
+    bases), stagger 3: the estimate's total against the model's bytes plus the allocator's peak."""
+    from torch.profiler import record_function
+
+    from lowrank.projected import enable_projected_gradients
+    from tests.lowrank.allocations import live_peak_within
+
+    torch.manual_seed(0)
+    model = Llama(SMALL)
+    batch, seq, stagger = 2, 64, 3
+    settings = {"name": "lowrank", "lr": 1e-3, "state_precision": precision, "lowrank": {"rank": 32}}
+    settings["refresh"] = {"update_gap": stagger, "stagger": stagger}
+    ids = torch.randint(0, SMALL.vocab_size, (batch, seq + 1))
+
+    def train() -> None:
+        optimizer = build_optimizer(model, settings)
+        handle = enable_projected_gradients(model, optimizer)
+        for step in range(7):
+            with record_function("steady" if step else "first"):
+                causal_lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        handle.remove()
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    measured = weights + live_peak_within(train, "steady")
+    shape = OptimizerShape("lowrank", rank=32, state_precision=precision, stagger=stagger)
+    training = TrainingShape(batch, seq, torch.float32, device="cpu", projected_gradients=True)
+    estimate = estimate_memory(ModelShape.from_config(SMALL), shape, training)
+    assert estimate.total == pytest.approx(measured, rel=0.05), (estimate.as_dict(), measured)
