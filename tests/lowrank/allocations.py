@@ -17,16 +17,24 @@ def allocation_peak(fn: Callable[[], object]) -> int:
     return allocations(fn)[0]
 
 
-def allocations(fn: Callable[[], object]) -> tuple[int, int]:
-    """(peak, net): bytes above what was allocated when ``fn`` started, at the highest point during the call and
-    at its end."""
+def _trace(fn: Callable[[], object]) -> list[dict]:
+    """The chrome-trace events of one profiled call of ``fn`` (CPU, memory events on)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     with tempfile.TemporaryDirectory() as folder:
         trace = Path(folder) / "trace.json"
         prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    memory = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
+        return json.loads(trace.read_text())["traceEvents"]
+
+
+def _cpu_memory(events: list[dict]) -> list[dict]:
+    return [e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
+
+
+def allocations(fn: Callable[[], object]) -> tuple[int, int]:
+    """(peak, net): bytes above what was allocated when ``fn`` started, at the highest point during the call and
+    at its end."""
+    memory = [e["args"] for e in _cpu_memory(_trace(fn))]
     if not memory:
         return 0, 0
     start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
@@ -36,13 +44,8 @@ def allocations(fn: Callable[[], object]) -> tuple[int, int]:
 def live_peak_within(fn: Callable[[], object], label: str) -> int:
     """Bytes allocated at the highest point inside ``record_function(label)`` ranges that ``fn`` opens, counted from
     what was allocated when ``fn`` started (so allocations made earlier in ``fn`` and still alive are included)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as folder:
-        trace = Path(folder) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    memory = [e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
+    events = _trace(fn)
+    memory = _cpu_memory(events)
     ranges = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X" and e.get("name") == label]
     start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
     inside = [m["args"]["Total Allocated"] for m in memory if any(a <= m["ts"] <= b for a, b in ranges)]
