@@ -4,14 +4,16 @@ A cluster scheduler's SIGTERM (pre-emption, time limit) or a Ctrl+C would otherw
 periodic checkpoint, and Lightning's own SIGTERM handling ends the run after the current *micro-batch* with exit
 status 0. This callback builds on that handling rather than competing with it:
 
-* SIGTERM: Lightning's signal connector receives it (and forwards it to the ranks its launcher started) and sets its
-  ``received_sigterm`` flag, on which Lightning's loops would end the run after the current micro-batch. While
-  training runs the callback defers that flag: the connector's setter records the request in the callback and its
-  getter reads False (a subclass of the connector's class, swapped in at ``on_train_start`` and back when training
-  ends), so the remaining micro-batches of the optimizer step still run and no rank leaves early.
-* SIGINT: while training runs, the callback's handler (installed in ``on_train_start``, after Lightning registered
-  its own handlers, removed when training ends) records the first Ctrl+C and prints what happens next; a second one
-  raises ``KeyboardInterrupt`` at once, which Lightning handles (no checkpoint is saved) and which ends as exit 130.
+* SIGTERM: while training runs, the callback's own handler (installed in ``on_train_start`` in place of Lightning's,
+  put back when training ends) records the request, forwards the signal to the ranks Lightning's launcher started (as
+  Lightning's handler does) and runs any other handler Lightning had composed with its own (SLURM's, a user's). It
+  does not run Lightning's notifier: that one broadcasts a tensor from inside the signal handler, at whatever point the
+  main thread of each rank happens to be, so on two ranks the broadcast can pair with a different collective (a DDP
+  gradient all-reduce) and both ranks hang. A SIGTERM that reached Lightning's connector before training started
+  sets its ``received_sigterm`` flag, on which Lightning's loops would end the run after the current micro-batch with
+  nothing saved; the callback takes that flag over as its own request and defers it (a subclass of the connector's
+  class, swapped in at ``on_train_start`` and back when training ends, whose getter reads False), so the remaining
+  micro-batches of the optimizer step still run and no rank leaves early.
 * At an optimizer-step boundary (the ``on_train_batch_end`` after the step) the ranks agree with one all-reduce (max
   of the requests; several ranks only), every rank saves the step's checkpoint through the ``ModelCheckpoint``
   (``save_now`` of ``AtomicModelCheckpoint``, so ``last.ckpt`` points at it) and raises :class:`RunStopped` with exit
@@ -37,6 +39,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose, _SignalConnector
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
@@ -60,19 +63,23 @@ class GracefulStop(Callback):
     """
 
     def __init__(self) -> None:
-        self.requested: int = 0  # the signal number asked for on this rank, 0: none
+        self.requested: int = 0  # the signal number asked for on this rank, 0: none (SIGTERM outranks SIGINT)
         self.stopped_by: int | None = None
         self._stepped = False  # an optimizer step ran since the last micro-batch ended
+        self._sigint_seen = False  # a first Ctrl+C came: the next one stops at once
         self._previous_sigint: Any = None
+        self._previous_sigterm: Any = None
+        self._launcher: Any = None  # the trainer's launcher: forwards SIGTERM to the ranks it started
         self._installed = False
         self._connector: tuple[Any, type] | None = None  # (Lightning's signal connector, its own class) while deferring
 
     # ------------------------------------------------------------------------------------------------ SIGINT
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested == signal.SIGINT:  # the second Ctrl+C: no waiting, no checkpoint
+        if self._sigint_seen:  # the second Ctrl+C: no waiting, no checkpoint
             self._uninstall()
             raise KeyboardInterrupt
-        self.requested = signal.SIGINT
+        self._sigint_seen = True
+        self.requested = max(self.requested, signal.SIGINT)
         print(
             "\nSIGINT: saving last.ckpt at the end of this optimizer step, then stopping (exit 130); press Ctrl+C "
             "again to stop at once without saving",
@@ -80,15 +87,36 @@ class GracefulStop(Callback):
             flush=True,
         )
 
-    def _install(self) -> None:
+    # ----------------------------------------------------------------------------------------------- SIGTERM
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        """Records the request; no collective here (module docstring): the ranks agree at the step boundary."""
+        first = self.requested != signal.SIGTERM
+        self.requested = signal.SIGTERM
+        if first:
+            kill = getattr(self._launcher, "kill", None)
+            if callable(kill):
+                kill(signum)  # the ranks this process started, as Lightning's handler does
+            print(
+                "\nSIGTERM: saving last.ckpt at the end of this optimizer step, then stopping (exit 143)",
+                file=sys.stderr,
+                flush=True,
+            )
+        for handler in _other_sigterm_handlers(self._previous_sigterm):
+            handler(signum, frame)
+
+    def _install(self, trainer: pl.Trainer) -> None:
         if threading.current_thread() is threading.main_thread() and not self._installed:
+            self._launcher = trainer.strategy.launcher
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
             self._installed = True
 
     def _uninstall(self) -> None:
         if self._installed and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._previous_sigint)
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
         self._installed = False
+        self._launcher = None
 
     # --------------------------------------------------------------------------------------------- the hooks
     # ------------------------------------------------------------------------------------------------ SIGTERM
@@ -124,9 +152,9 @@ class GracefulStop(Callback):
     # --------------------------------------------------------------------------------------------- the hooks
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.requested, self.stopped_by, self._stepped = 0, None, False
-        self._install()
+        self.requested, self.stopped_by, self._stepped, self._sigint_seen = 0, None, False, False
         self._defer_sigterm(trainer)
+        self._install(trainer)
 
     def _release(self) -> None:
         self._uninstall()
@@ -182,6 +210,17 @@ class GracefulStop(Callback):
         flag = torch.tensor([requested], dtype=torch.int32, device=trainer.strategy.root_device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item())
+
+
+def _other_sigterm_handlers(previous: Any) -> list[Any]:
+    """The Python callables of the SIGTERM handler that training replaced: Lightning's composition without its notifier
+    (which broadcasts), or a plain handler as itself; none for the default and ignore dispositions (ints)."""
+    handlers = previous.signal_handlers if isinstance(previous, _HandlersCompose) else [previous]
+    return [
+        handler
+        for handler in handlers
+        if callable(handler) and getattr(handler, "__func__", None) is not _SignalConnector._sigterm_notifier_fn
+    ]
 
 
 def save_checkpoint_now(trainer: pl.Trainer) -> str | None:

@@ -106,7 +106,18 @@ def _start(out: Path, *overrides: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group: _finish kills every rank if the run hangs
     )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """The run's output once it exits; past ``timeout`` its whole process group (DDP ranks included) is killed and
+    the test fails with the output's tail, so that no rank outlives the test."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the run did not end within {timeout} s:\n{proc.communicate()[0][-3000:]}")
 
 
 def _wait_for_training(proc: subprocess.Popen, out: Path, timeout: float = 600) -> None:
@@ -117,7 +128,7 @@ def _wait_for_training(proc: subprocess.Popen, out: Path, timeout: float = 600) 
             return
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         time.sleep(0.2)
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
     pytest.fail(f"the run saved no checkpoint within {timeout} s")
 
 
@@ -135,7 +146,7 @@ def test_the_recipe_exits_with_128_plus_the_signal_after_saving_a_whole_step(tmp
     proc = _start(out, "trainer.max_steps=100000", "trainer.checkpoint_every_n_steps=2")  # 4 micro-batches a step
     _wait_for_training(proc, out)
     proc.send_signal(signum)
-    output = proc.communicate(timeout=300)[0]
+    output = _finish(proc)
     assert proc.returncode == code, output[-3000:]
     step = _stopped_at(output, signal.Signals(signum).name)
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
@@ -143,7 +154,7 @@ def test_the_recipe_exits_with_128_plus_the_signal_after_saving_a_whole_step(tmp
     assert checkpoint["global_step"] == step >= 2 and processed == 4 * step
     # and it resumes from there
     resumed = _start(out, f"trainer.max_steps={checkpoint['global_step'] + 2}")
-    output = resumed.communicate(timeout=300)[0]
+    output = _finish(resumed)
     assert resumed.returncode == 0, output[-3000:]
     assert (
         torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == checkpoint["global_step"] + 2
@@ -158,7 +169,7 @@ def test_two_ddp_ranks_agree_on_the_stop_after_sigterm_to_the_launching_process(
     proc = _start(out, "trainer.max_steps=100000", "trainer.checkpoint_every_n_steps=2", *ddp)
     _wait_for_training(proc, out)
     proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=300)[0]
+    output = _finish(proc)
     assert proc.returncode == 143, output[-3000:]
     step = _stopped_at(output, "SIGTERM")
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
