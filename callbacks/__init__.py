@@ -9,6 +9,8 @@ time, watch and log it.
   per-layer updates, and with the optimizer refreshing on its own.
 * :class:`RefreshSubscriber`: base of any callback that wants every refresh's records (the monitor is one).
 * :class:`PerLayerUpdates`: steps each weight inside backward (lowrank.per_layer), freeing its gradient at once.
+* :class:`ProjectGradients`: backward forms the low-rank weights' gradients in projected form (lowrank.projected),
+  the full gradient only on refresh steps; one device or DDP.
 * :class:`FiniteLossGuard`: stops the run at the first non-finite loss, before the optimizer step (ranks agree).
 * :class:`GracefulStop`: on SIGTERM or SIGINT, saves the step's checkpoint at the next optimizer-step boundary and
   stops with :class:`RunStopped` (exit status 143 / 130); a second Ctrl+C stops at once.
@@ -33,6 +35,7 @@ from lowrank_recipes.callbacks.finite_loss import FiniteLossGuard, NonFiniteErro
 from lowrank_recipes.callbacks.graceful_stop import GracefulStop, RunStopped
 from lowrank_recipes.callbacks.overlap_monitor import SubspaceOverlapMonitor
 from lowrank_recipes.callbacks.per_layer import PerLayerUpdates
+from lowrank_recipes.callbacks.projected import ProjectGradients
 from lowrank_recipes.callbacks.resampler import SubspaceResampler
 from lowrank_recipes.callbacks.state_precision import OptimizerStatePrecision
 from lowrank_recipes.callbacks.subscriber import RefreshSubscriber
@@ -45,6 +48,7 @@ __all__ = [
     "NonFiniteError",
     "OptimizerStatePrecision",
     "PerLayerUpdates",
+    "ProjectGradients",
     "RefreshSubscriber",
     "RunStopped",
     "SubspaceOverlapMonitor",

@@ -43,6 +43,10 @@ class LowRankConfig(LowRankOptions):
         targets: regular expressions (``re.search`` on parameter names); a 2-D parameter matching any goes low-rank.
             Each pattern must match at least one 2-D parameter (an error otherwise: a typo would silently train
             full-rank).
+        projected_gradients: backward forms each low-rank ``nn.Linear`` weight's gradient in its projected shape
+            (r x n or m x r) and the full one only on refresh steps (:mod:`lowrank.projected`); the training loop turns
+            it on (the recipe; Lightning: ``ProjectGradients``; a plain loop: ``enable_projected_gradients``), the
+            optimizer itself is the same. Gradient clipping then sees ||R|| <= ||G|| for these weights.
     """
 
     MOVED_KEYS: ClassVar[dict[str, str]] = {
@@ -56,6 +60,7 @@ class LowRankConfig(LowRankOptions):
     seed: int | None = None
     base: str = "adamw"
     targets: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_TARGETS))
+    projected_gradients: bool = False
 
     def options(self) -> dict[str, Any]:
         """The :class:`LowRankOptions` fields but ``rank`` (set on the low-rank group only), as the optimizer's

@@ -37,7 +37,7 @@ from lowrank.randomness import resolve_seed
 from lowrank.regroup import regroup_by_name
 from lowrank.table import GroupTable, TableRow
 
-__all__ = ["GROUP_NAMES", "GroupTable", "TableRow", "build_optimizer"]
+__all__ = ["GROUP_NAMES", "GroupTable", "TableRow", "build_optimizer", "lowrank_plan"]
 
 GROUP_NAMES: tuple[str, ...] = ("lowrank", "lowrank" + NO_DECAY_SUFFIX, "plain", "plain" + NO_DECAY_SUFFIX)
 
@@ -109,6 +109,41 @@ def _groups(
     return groups
 
 
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters an optimizer takes: those that require grad, plus the weights with projected gradients (which
+    do not under DDP: lowrank.projected), without their companions (stepped through the weights)."""
+    return [
+        (name, p)
+        for name, p in model.named_parameters()
+        if (p.requires_grad or hasattr(p, "_lowrank_projected")) and not getattr(p, "_lowrank_companion", False)
+    ]
+
+
+def _check_ranks(named: list[tuple[str, nn.Parameter]], chosen: dict[str, str], rank: int) -> None:
+    for name, param in named:
+        if name in chosen and rank > min(param.shape):
+            raise ValueError(
+                f"optimizer.lowrank.rank: {rank} is larger than parameter {name!r} allows (shape "
+                f"{tuple(param.shape)}); accepted: 1 .. {min(param.shape)}, or exclude it from "
+                "optimizer.lowrank.targets"
+            )
+
+
+def lowrank_plan(
+    model: nn.Module, config: OptimizerConfig | Mapping[str, Any]
+) -> list[tuple[str, nn.Parameter, int, str]]:
+    """(name, parameter, rank, side) of every parameter :func:`build_optimizer` puts low-rank under ``config``, known
+    before the optimizer exists (projected gradients register their companions from it); empty for ``adamw``."""
+    cfg = optimizer_config_from_dict(config)
+    if cfg.name != "lowrank":
+        return []
+    named = _trainable(model)
+    chosen = _assign(named, cfg.lowrank.targets)
+    _check_ranks(named, chosen, cfg.lowrank.rank)
+    low = cfg.lowrank
+    return [(n, p, low.rank, resolve_side(tuple(p.shape), low.side)) for n, p in named if n in chosen]
+
+
 def _group_of(groups: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {name: group for group in groups for name in group["param_names"]}
 
@@ -123,10 +158,16 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | Mapping[str, Any
         parameter went where, which decay, and the draw seed, to log at start-up.
     """
     cfg = optimizer_config_from_dict(config)
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    named = _trainable(model)
+    projected = [name for name, p in named if hasattr(p, "_lowrank_projected")]
     if not named:
         raise ValueError("model has no trainable parameters")
     decay = _decay(named, cfg)
+    if cfg.name == "adamw" and projected:
+        raise ValueError(
+            f"optimizer.name: adamw, but {projected[0]!r} and {len(projected) - 1} more weights have "
+            "projected-gradient companions (lowrank.projected); accepted with projected gradients: lowrank"
+        )
     if cfg.name == "adamw":
         # fp32: torch's own AdamW, the reference baseline; bf16 / 8bit: the same update with compact moments.
         groups = _groups(named, set(), decay, cfg)
@@ -155,13 +196,13 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | Mapping[str, Any
 
     low = cfg.lowrank
     chosen = _assign(named, low.targets)
-    for name, param in named:
-        if name in chosen and low.rank > min(param.shape):
-            raise ValueError(
-                f"optimizer.lowrank.rank: {low.rank} is larger than parameter {name!r} allows (shape "
-                f"{tuple(param.shape)}); accepted: 1 .. {min(param.shape)}, or exclude it from "
-                "optimizer.lowrank.targets"
-            )
+    _check_ranks(named, chosen, low.rank)
+    stray = [name for name in projected if name not in chosen]
+    if stray:
+        raise ValueError(
+            f"{stray}: projected-gradient companions on weights that optimizer.lowrank.targets does not make low-rank; "
+            "accepted: companions only on low-rank weights (register them from the same optimizer config)"
+        )
     base = cfg.base_name()
     spec = BASES[base]
     seed = resolve_seed(low.seed)
@@ -188,4 +229,7 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | Mapping[str, Any
         **{**low.options(), "seed": seed.value},
     )
     optimizer.group_table = GroupTable(tuple(rows), seed.value, seed.source)
+    for name, param in named:  # companions registered before the optimizer (lowrank.projected.add_companions)
+        if name in projected:
+            optimizer.attach_companion(param, param._lowrank_projected)  # type: ignore[attr-defined]
     return optimizer

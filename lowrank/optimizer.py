@@ -232,6 +232,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
             param_group["param_names"] = [f"group{index}.param{i}" for i in range(len(params))]
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        companions = [g for g in self.param_groups[:-1] if g.get("companions")]
+        for other in companions:  # the companions' group stays last (state_dict leaves it out by position)
+            self.param_groups.remove(other)
+            self.param_groups.append(other)
+        if group.get("companions"):
+            return  # projected gradients' companions: stepped through the weights they stand in for
         if group["seed"] is None:  # a group's own seed=None: resolved like the optimizer's default
             group["seed"] = resolve_seed(None).value
         self._validate_group(group)
@@ -275,6 +281,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """The base's view of ``groups``: stand-ins replace low-rank parameters, in the same order."""
         out = []
         for group in groups:
+            if group.get("companions"):
+                continue
             hyper = {key: group[key] for key in self._base_keys if key in group}
             hyper.update(lr=group["lr"], weight_decay=group["weight_decay"])
             if group["rank"] is None:
@@ -290,6 +298,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Copies hyperparameters (a scheduler may have changed ``lr``) from the user's groups to the base's."""
         base_groups = iter(self._base.param_groups)
         for group in self.param_groups:
+            if group.get("companions"):
+                continue
             lowrank = group["rank"] is not None
             owners = group["params"] if lowrank and self.spec.relative_step else [None]
             for weight in owners:
@@ -406,7 +416,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return self._run(todo, split)
 
     def _run(self, todo: list[_Todo], split: bool) -> list[RefreshRecord]:
-        """Refreshes ``todo`` (split across ranks or not) and queues the records for the listeners."""
+        """Refreshes ``todo`` (split across ranks or not) and queues the records for the listeners; weights with
+        projected gradients then get R = project(G, B) on their (new) basis and lose G."""
+        self._reduce_full_gradients()
         if split and world()[1] > 1:
             records = self._resample_split([t for t in todo if t.param.grad is not None])
         else:
@@ -414,6 +426,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         records = [record for record in records if record is not None]
         self._pending.extend(records)
         self._warn_unrefreshed()
+        self._reproject_companions()
         return records
 
     def _warn_unrefreshed(self) -> None:
@@ -578,6 +591,33 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return group, param, companion, self.state[param]["lowrank_basis"], _side(group, param)
 
     # ------------------------------------------------------------------------------------- projected gradients
+    def _reduce_full_gradients(self) -> None:
+        """Averages over the ranks the full gradients G that backward accumulated into projected weights which do not
+        require grad (under DDP they are kept out of DDP's reducer, lowrank.projected): one all-reduce per weight, on
+        refresh steps only; every rank holds the same set (the schedule decides it)."""
+        size = world()[1]
+        if size == 1:
+            return
+        for param in self._companions:
+            if param.grad is not None and not param.requires_grad and not is_dtensor(param):
+                torch.distributed.all_reduce(param.grad)
+                param.grad.div_(size)
+
+    def _reproject_companions(self) -> None:
+        """R = project(G, B) into the companion's gradient of every projected weight that holds G (a refresh or a
+        first basis: backward's R used the old basis or none), then frees G; in place where the companion has a
+        gradient (DDP's bucket view stays)."""
+        for param, companion in self._companions.items():
+            basis = self.state.get(param, {}).get("lowrank_basis")
+            if param.grad is None or basis is None:
+                continue
+            low = project(param.grad, basis, self.side_of(param))
+            if companion.grad is None:
+                companion.grad = low.to(companion.dtype)
+            else:
+                companion.grad.copy_(low)
+            param.grad = None
+
     def projected_weights(self) -> list[torch.Tensor]:
         """The low-rank weights whose gradient backward forms in projected form (lowrank.projected)."""
         return list(self._companions)
@@ -590,13 +630,35 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def attach_companion(self, param: torch.Tensor, companion: torch.Tensor) -> None:
         """Makes ``companion`` (R's shape, a parameter whose gradient backward fills with R: lowrank.projected)
         ``param``'s stand-in, the tensor the base optimizer steps (its state moves along)."""
+        expected = tuple(self._stand_ins[param].shape)
+        if tuple(companion.shape) != expected or companion.dtype != self._stand_ins[param].dtype:
+            raise ValueError(
+                f"projected gradients: a companion of shape {tuple(companion.shape)} ({companion.dtype}) for a weight "
+                f"whose projected gradient is {expected} ({self._stand_ins[param].dtype}); register the companions "
+                "from the same optimizer config (rank, side) that builds the optimizer"
+            )
         self._swap_stand_in(param, companion)
         companion._lowrank_companion = True  # type: ignore[attr-defined]  # keeps its storage (_release)
         self._companions[param] = companion
+        gi, pi = _locate(self._where, self.param_groups, param)
+        name = self.param_groups[gi]["param_names"][pi] + "_projected"
+        group = next((g for g in self.param_groups if g.get("companions")), None)
+        if group is None:  # listed, so that zero_grad, AMP unscaling and gradient clipping see R
+            self.add_param_group(
+                {"params": [companion], "param_names": [name], "name": "projected", "companions": True}
+            )
+        else:
+            group["params"].append(companion)
+            group["param_names"].append(name)
 
     def detach_companion(self, param: torch.Tensor) -> None:
         """Gives ``param`` a plain stand-in again (its state moves along)."""
         companion = self._companions.pop(param)
+        group = next(g for g in self.param_groups if g.get("companions"))
+        index = next(i for i, p in enumerate(group["params"]) if p is companion)
+        del group["params"][index], group["param_names"][index]
+        if not group["params"]:
+            self.param_groups.remove(group)
         self._swap_stand_in(
             param, _release(torch.empty(companion.shape, dtype=companion.dtype, device=companion.device))
         )
@@ -675,6 +737,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch.optim layout, one entry per parameter index: the base's state plus this optimizer's own."""
         outer = super().state_dict()
+        # the companions' group (last) is left out: a projected run saves what an ordinary one does
+        outer["param_groups"] = [g for g in outer["param_groups"] if not g.get("companions")]
         base = self._base.state_dict()["state"]  # same parameter order, stand-ins in place of low-rank weights
         merged = {}
         for index in sorted(set(outer["state"]) | set(base)):
@@ -686,6 +750,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
         parameters, e.g. the former ``lowrank``/``plain`` one, is matched by name first: :mod:`lowrank.regroup`). The
         checkpoint's hyperparameters win, including the draw seed, so a resumed run draws what the uninterrupted run
         would have; storage options (state precision) are this optimizer's."""
+        companions = [g for g in self.param_groups if g.get("companions")]
+        self.param_groups[:] = [g for g in self.param_groups if not g.get("companions")]
+        try:
+            self._load_state_dict(state_dict)
+        finally:
+            self.param_groups.extend(companions)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = regroup_by_name(self, state_dict) or state_dict
         self._pending, self._scheduled_done, self._due_this_step = [], False, None  # nothing of a step in progress
         # As torch.optim does, state keys are matched to parameters by their order in the saved groups' "params"

@@ -23,9 +23,23 @@ refreshes the basis from G and recomputes R = project(G, B_new) before updating.
         optimizer.zero_grad()
     handle.remove()                  # the modules' own forward back, companions removed
 
+The companions are listed in the optimizer's param groups (a last group named ``projected``, left out of its
+``state_dict``), so that ``zero_grad``, AMP unscaling and gradient clipping see R; they are left out of the model's
+``state_dict`` too (their values are the base optimizer's workspace): a checkpoint of a projected run is that of an
+ordinary one, and either resumes as the other.
+
+Several processes (DDP): the weight must not require grad when DDP wraps the model, else DDP allocates and
+all-reduces an (m, n) zero gradient every step; so with an initialised process group of several ranks the weights
+are frozen (``requires_grad=False``, still stepped by the optimizer) and backward accumulates G into ``W.grad`` itself
+on refresh steps; the optimizer averages it over the ranks (one all-reduce per refreshing weight) before the refresh.
+DDP all-reduces R as the companions' gradient; use ``gradient_as_bucket_view=True`` so that it keeps no second copy.
+Order in a plain loop: model, optimizer, ``enable_projected_gradients``, then the DDP wrapper, then any LR scheduler.
+When the optimizer is built inside the wrapper (Lightning's ``configure_optimizers``), register the companions
+first from the optimizer config with :func:`add_companions` (``build_optimizer`` attaches them), and enable after.
+
 The weights are equal to the ordinary path's (tests/lowrank/test_projected.py: float64, both sides, every moment
-policy, gradient accumulation). One device here; per-layer updates and Fira (which need G at every step) are
-refused.
+policy, gradient accumulation; tests/distributed: 2 DDP ranks). Per-layer updates and Fira (which need G at every
+step) and FSDP2 are refused.
 """
 
 from __future__ import annotations
@@ -39,8 +53,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank.dtensor import is_dtensor
+from lowrank.factory import lowrank_plan
 from lowrank.optimizer import LowRankOptimizer
 from lowrank.projector import project, projected_shape
+from lowrank.split_refresh import world
 
 COMPANION = "weight_projected"
 
@@ -60,15 +76,30 @@ class _ProjectedLinear(torch.autograd.Function):
         full: bool,
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight, basis)
-        ctx.side, ctx.full, ctx.companion_shape = side, full, companion.shape
+        ctx.side, ctx.full, ctx.companion_shape, ctx.weight = side, full, companion.shape, weight
+        device = x.device.type  # backward runs under the forward's autocast state (as torch.amp.custom_bwd does)
+        ctx.autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
         return F.linear(x, weight)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.autocast is None:
+            return _ProjectedLinear._backward(ctx, dy)
+        with torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1]):
+            return _ProjectedLinear._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, basis = ctx.saved_tensors
         dx = dy @ weight if ctx.needs_input_grad[0] else None  # (..., n)
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # (N, n), (N, m)
         grad_w = dy2.T @ x2 if ctx.full else None  # (m, n), refresh steps only
+        if grad_w is not None and not ctx.needs_input_grad[1]:  # W kept out of autograd (DDP): G accumulates here
+            param = ctx.weight
+            if param.grad is None:
+                param.grad = grad_w.to(param.dtype)
+            else:
+                param.grad.add_(grad_w)
         if basis is None:  # no basis yet (first step): the optimizer projects G once it has one
             low = torch.zeros(ctx.companion_shape, dtype=dy.dtype, device=dy.device)
         elif grad_w is not None:
@@ -77,7 +108,7 @@ class _ProjectedLinear(torch.autograd.Function):
             low = dy2.T @ (x2 @ basis)  # (m, N) (N, r) -> (m, r)
         else:
             low = (dy2 @ basis).T @ x2  # (r, N) (N, n) -> (r, n)
-        return dx, grad_w, low, None, None, None
+        return dx, grad_w if ctx.needs_input_grad[1] else None, low, None, None, None
 
 
 class ProjectedGradients:
@@ -89,15 +120,14 @@ class ProjectedGradients:
         if problems:
             raise ValueError("projected gradients: " + "; ".join(problems))
         self.optimizer = optimizer
-        modules = dict(model.named_modules())
+        owners = _owners(model)
         self._patched: list[tuple[nn.Module, torch.Tensor]] = []
         self._due_at: tuple[tuple[int, ...], set[str]] | None = None
         for group, name, param in _lowrank(optimizer):
-            module = modules[name.rsplit(".", 1)[0]]
+            module = owners[id(param)]
             side = optimizer.side_of(param)
-            companion = nn.Parameter(torch.zeros(projected_shape(param.shape, side, group["rank"]), **_like(param)))
-            module.register_parameter(COMPANION, companion)
-            optimizer.attach_companion(param, companion)
+            if param not in optimizer._companions:  # else registered before the optimizer (add_companions)
+                optimizer.attach_companion(param, _register(module, param, group["rank"], side))
             module.forward = types.MethodType(_forward(self, name, param, side), module)
             self._patched.append((module, param))
 
@@ -114,8 +144,74 @@ class ProjectedGradients:
         for module, param in self._patched:
             del module.forward  # the instance attribute: the class's forward again
             self.optimizer.detach_companion(param)
-            delattr(module, COMPANION)
+            _unregister(module, param)
         self._patched = []
+
+
+def _register(module: nn.Module, param: torch.Tensor, rank: int, side: str) -> nn.Parameter:
+    """Registers ``module.weight_projected`` (R's shape) for ``param`` = ``module.weight``; marks both; freezes the
+    weight when several processes train (module docstring); leaves the companion out of the module's state dict."""
+    companion = nn.Parameter(torch.zeros(projected_shape(param.shape, side, rank), **_like(param)))
+    companion._lowrank_companion = True  # type: ignore[attr-defined]
+    module.register_parameter(COMPANION, companion)
+    param._lowrank_projected = companion  # type: ignore[attr-defined]
+    if world()[1] > 1 and param.requires_grad:
+        param.requires_grad_(False)
+        param._lowrank_frozen = True  # type: ignore[attr-defined]
+    module._lowrank_hooks = (  # type: ignore[assignment]
+        module._register_state_dict_hook(_drop_companion),
+        module._register_load_state_dict_pre_hook(_fill_companion, with_module=True),
+    )
+    return companion
+
+
+def _unregister(module: nn.Module, param: torch.Tensor) -> None:
+    delattr(module, COMPANION)
+    for handle in module.__dict__.pop("_lowrank_hooks", ()):
+        handle.remove()
+    del param._lowrank_projected  # type: ignore[attr-defined]
+    if getattr(param, "_lowrank_frozen", False):
+        param.requires_grad_(True)
+        del param._lowrank_frozen  # type: ignore[attr-defined]
+
+
+def _drop_companion(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    state_dict.pop(prefix + COMPANION, None)
+
+
+def _fill_companion(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """An ordinary checkpoint (or one written without companions) loads into a projected model: the companion keeps
+    its value (the optimizer's workspace)."""
+    if hasattr(module, COMPANION):
+        state_dict.setdefault(prefix + COMPANION, getattr(module, COMPANION).detach())
+
+
+def remove_companions(model: nn.Module) -> None:
+    """Removes every companion :func:`add_companions` registered on ``model`` (weights as before), for a model whose
+    optimizer never took them (a run that failed before projected gradients were enabled)."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if hasattr(module, COMPANION) and weight is not None and hasattr(weight, "_lowrank_projected"):
+            _unregister(module, weight)
+
+
+def add_companions(model: nn.Module, config: Any) -> list[str]:
+    """Registers the companions of every weight that ``lowrank.build_optimizer(model, config)`` will make low-rank,
+    before the optimizer exists and before a data-parallel wrapper sees the model (module docstring);
+    ``build_optimizer`` attaches them, :func:`enable_projected_gradients` then turns the mechanism on. Returns the
+    weights' names; a weight that has one already is left as it is."""
+    owners = _owners(model)
+    names = []
+    for name, param, rank, side in lowrank_plan(model, config):
+        module = owners.get(id(param))
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"projected gradients: {name}: only nn.Linear weights can be projected")
+        if is_dtensor(param):
+            raise ValueError(f"projected gradients: {name}: sharded (FSDP2) weights are not supported yet")
+        if not hasattr(param, "_lowrank_projected"):
+            _register(module, param, rank, side)
+        names.append(name)
+    return names
 
 
 def _forward(manager: ProjectedGradients, name: str, param: torch.Tensor, side: str) -> Callable[..., torch.Tensor]:
@@ -127,6 +223,12 @@ def _forward(manager: ProjectedGradients, name: str, param: torch.Tensor, side: 
         return y if module.bias is None else y + module.bias
 
     return forward
+
+
+def _owners(model: nn.Module) -> dict[int, nn.Module]:
+    """id(weight) -> the module that holds it as its own ``weight`` (the optimizer may name parameters relative to a
+    submodule of ``model``, so owners are found by identity, not by name)."""
+    return {id(w): m for m in model.modules() if (w := m._parameters.get("weight")) is not None}
 
 
 def _lowrank(optimizer: LowRankOptimizer) -> list[tuple[dict[str, Any], str, torch.Tensor]]:
@@ -147,11 +249,10 @@ def projected_problems(model: nn.Module, optimizer: Any) -> list[str]:
     if not isinstance(optimizer, LowRankOptimizer):
         return [f"needs a LowRankOptimizer (optimizer.name: lowrank), got {type(optimizer).__name__}"]
     problems = []
-    modules = dict(model.named_modules())
+    owners = _owners(model)
     for group, name, param in _lowrank(optimizer):
-        owner = name.rsplit(".", 1)
-        module = modules.get(owner[0]) if len(owner) == 2 and owner[1] == "weight" else None
-        if not isinstance(module, nn.Linear) or module.weight is not param:
+        module = owners.get(id(param))
+        if not isinstance(module, nn.Linear):
             problems.append(f"{name}: only nn.Linear weights can be projected (owner: {type(module).__name__})")
         elif is_dtensor(param):
             problems.append(f"{name}: sharded (FSDP2) weights are not supported yet")
@@ -159,9 +260,6 @@ def projected_problems(model: nn.Module, optimizer: Any) -> list[str]:
             problems.append(f"{name}: Fira's residual needs the full gradient at every step (lowrank.fira: false)")
     if optimizer.per_layer is not None:
         problems.append("per-layer updates step inside backward from the full gradient: use one or the other")
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        problems.append(f"{dist.get_world_size()} processes: projected gradients run on one device for now")
     return problems
 
 

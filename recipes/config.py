@@ -90,7 +90,8 @@ class TrainerConfig:
             optimizer states and no per-layer updates).
         precision: 32-true | bf16-mixed (autocast, fp32 weights: the safe choice) | bf16-true (pure bf16 weights, as
             the reference runs).
-        gradient_clip_val: global-norm clipping; None = off (reference: off below 7B, 1.0 at 7B).
+        gradient_clip_val: global-norm clipping; None = off (reference: off below 7B, 1.0 at 7B). With
+            ``optimizer.lowrank.projected_gradients`` the norm counts ||R|| <= ||G|| for the low-rank weights.
         val_every_n_steps: validation interval in optimizer steps.
         limit_val_batches: validation micro-batches per rank per validation (an integer >= 0; 0 turns validation
             off); None = the whole validation set.
@@ -336,6 +337,7 @@ def validate_run(run: RunConfig) -> None:
         )
     if t.per_layer_updates and run.optimizer.name != "lowrank":
         problems.append("trainer.per_layer_updates: needs optimizer.name=lowrank; accepted with adamw: false")
+    problems += projected_problems(run)
     if t.strategy == "fsdp2":
         if t.per_layer_updates:
             problems.append(
@@ -638,3 +640,28 @@ def _optimizer_problems(run: RunConfig) -> list[str]:
     except ValueError as err:
         return [str(err)]
     return []
+
+
+def projected_problems(run: RunConfig) -> list[str]:
+    """What ``optimizer.lowrank.projected_gradients: true`` cannot run with (the full gradient needed every step, or
+    sharded weights); empty when it is off."""
+    if not run.optimizer.lowrank.projected_gradients:
+        return []
+    key, problems = "optimizer.lowrank.projected_gradients", []
+    if run.optimizer.name != "lowrank":
+        problems.append(f"{key}: needs optimizer.name=lowrank; accepted with {run.optimizer.name}: false")
+    if run.trainer.per_layer_updates:
+        problems.append(
+            f"{key}: not supported with trainer.per_layer_updates (per-layer updates step from the full gradient "
+            "inside backward); accepted with per-layer updates: false"
+        )
+    if run.optimizer.lowrank.fira:
+        problems.append(
+            f"{key}: not supported with optimizer.lowrank.fira (Fira's residual needs the full gradient at every "
+            "step); accepted with fira: false"
+        )
+    if run.trainer.strategy == "fsdp2":
+        problems.append(
+            f"{key}: not supported with trainer.strategy=fsdp2 yet; accepted with fsdp2: false (or strategy ddp)"
+        )
+    return problems

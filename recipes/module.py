@@ -72,7 +72,8 @@ class LlamaPretrainModule(pl.LightningModule):
         logits = self(batch["input_ids"])  # (B, T, V)
         loss = causal_lm_loss(logits, batch["labels"])
         self.log("train/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"], prog_bar=False)
+        groups = [g for g in self.trainer.optimizers[0].param_groups if not g.get("companions")]
+        self.log("train/lr", groups[-1]["lr"], prog_bar=False)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -47,6 +47,9 @@ RESUME_RULES: dict[str, Rule] = {
     # the model: only how it is computed may change
     "model": _MODEL,
     "model.activation_checkpointing": Rule("apply", "recomputes activations in backward; same numbers"),
+    "optimizer.lowrank.projected_gradients": Rule(
+        "apply", "backward forms the projected gradients from here on (or no longer); same numbers, same checkpoints"
+    ),
     # the data: only validation and caching may change
     "data": _DATA,
     "data.val_sequences": Rule("apply", "validation from here on uses the new number of sequences"),

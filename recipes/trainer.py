@@ -21,6 +21,7 @@ from lowrank_recipes.callbacks import (
     GracefulStop,
     OptimizerStatePrecision,
     PerLayerUpdates,
+    ProjectGradients,
     RunStopped,
     SubspaceOverlapMonitor,
     SubspaceResampler,
@@ -64,7 +65,8 @@ def subspace_callbacks(run: RunConfig) -> list[pl.Callback]:
         refreshes: pl.Callback = PerLayerUpdates(clip_norm=run.trainer.per_layer_clip_norm)
     else:
         refreshes = SubspaceResampler()
-    return [refreshes, SubspaceOverlapMonitor(**dataclasses.asdict(run.monitor))]
+    projected = [ProjectGradients(run.optimizer)] if run.optimizer.lowrank.projected_gradients else []
+    return [*projected, refreshes, SubspaceOverlapMonitor(**dataclasses.asdict(run.monitor))]
 
 
 def strategy(run: RunConfig) -> str | pl.strategies.Strategy:
@@ -80,6 +82,10 @@ def strategy(run: RunConfig) -> str | pl.strategies.Strategy:
             tensor_parallel_size=1,
             save_distributed_checkpoint=t.checkpoint_format != "full",
         )
+    if t.strategy == "ddp" and run.optimizer.lowrank.projected_gradients:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(gradient_as_bucket_view=True)  # R reduced in place: no second copy of the companions' grads
     return t.strategy
 
 

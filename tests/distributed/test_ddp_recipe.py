@@ -22,6 +22,10 @@ single process accumulates 2 micro-batches per step, each rank takes one. ``upda
   recipes/pretrain.py ...`` (the Trainer joins the launcher's 2 processes instead of spawning its own), logs the same
   per-step rank-0 ``train/loss`` as the spawn-launched 2-rank run (measured: bitwise), and its final weights and bases
   (read from its ``last.ckpt``) equal the 1-process reference's to fp32 tolerance (measured: bitwise).
+* With ``optimizer.lowrank.projected_gradients=true`` (R = dy^T (x B) or (dy B)^T x in backward, all-reduced by DDP
+  as the companions' gradients; G only on refresh steps, averaged by the optimizer) the 2-rank dominant run equals
+  the ordinary 2-rank run to fp32 tolerance, identically on both ranks; a projected 2-rank run stopped at step 6 and
+  resumed (importance) equals the uninterrupted ordinary one to fp32 tolerance, and its checkpoints hold no companion.
 
 All runs start at once in one module fixture (the processes mostly import and wait; about a minute on 2 cores).
 """
@@ -38,6 +42,7 @@ from .spawn import free_port
 
 pytestmark = RUN_MARKS
 DDP = ["trainer.devices=2", "trainer.strategy=ddp"]
+PROJECTED = "optimizer.lowrank.projected_gradients=true"
 SELECTORS = ("dominant", "importance")
 LAUNCHERS = ("torchrun", "fabric-run")
 
@@ -66,7 +71,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         DDP,
         SELECTORS,
         launchers=launchers,
-        variants={"split-svd": ("optimizer.refresh.split_across_ranks=true",)},
+        splits={"split": (), "projected-split": (PROJECTED,)},
+        variants={"split-svd": ("optimizer.refresh.split_across_ranks=true",), "projected": (PROJECTED,)},
     )
 
 
@@ -162,3 +168,38 @@ def test_split_svd_run_matches_the_unsplit_run(runs: Path) -> None:
         rtol=1e-6,
         atol=1e-6,
     )
+
+
+def test_projected_gradients_on_two_ranks_match_the_ordinary_run(runs: Path) -> None:
+    ordinary_losses, ordinary = _record(runs / "dominant-2", 0)
+    (losses0, rank0), (losses1, rank1) = (_record(runs / "projected", r) for r in range(2))
+    assert losses0 == losses1 and sorted(losses0) == list(range(1, STEPS + 1)) and rank0["global_step"] == STEPS
+    for key in ("bases", "weights"):
+        assert _max_diff(rank0[key], rank1[key]) == 0, key
+        assert _max_diff(rank0[key], ordinary[key]) <= 1e-5, (key, _max_diff(rank0[key], ordinary[key]))
+    steps = range(1, STEPS + 1)
+    torch.testing.assert_close(
+        torch.tensor([losses0[s] for s in steps]),
+        torch.tensor([ordinary_losses[s] for s in steps]),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+def test_a_stopped_projected_two_rank_run_resumes_like_the_uninterrupted_ordinary_one(runs: Path) -> None:
+    full_losses, full = _record(runs / "importance-2", 0)
+    split = runs / "projected-split"
+    losses = {**_record(split, 0, "first")[0], **_record(split, 0, "second")[0]}
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    torch.testing.assert_close(
+        torch.tensor([losses[s] for s in sorted(losses)]),
+        torch.tensor([full_losses[s] for s in sorted(losses)]),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    _, resumed = _record(split, 0, "second")
+    for key in ("bases", "weights"):
+        assert _max_diff(resumed[key], full[key]) <= 1e-5, (key, _max_diff(resumed[key], full[key]))
+    for path in sorted((split / "checkpoints").iterdir()):
+        checkpoint = torch.load(path, weights_only=True)
+        assert not any(k.endswith("weight_projected") for k in checkpoint["state_dict"]), path

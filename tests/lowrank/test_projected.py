@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank.factory import build_optimizer
-from lowrank.projected import enable_projected_gradients
+from lowrank.projected import COMPANION, add_companions, enable_projected_gradients
 from lowrank_recipes.recipes.model import Llama, LlamaConfig, causal_lm_loss
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4, num_layers=2, max_seq_len=16)
@@ -201,3 +201,79 @@ def test_projected_gradients_and_per_layer_updates_refuse_each_other() -> None:
         enable_projected_gradients(model, fira)
     with pytest.raises(ValueError, match="needs a LowRankOptimizer"):
         enable_projected_gradients(model, torch.optim.AdamW(model.parameters()))
+
+
+def _steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[torch.Tensor], steps: range) -> None:
+    for step in steps:
+        for micro in range(ACCUMULATE):
+            (_lm_loss(model, batches[step * ACCUMULATE + micro]) / ACCUMULATE).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _tiny_and_batches() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    return Llama(TINY).double(), [torch.randint(0, TINY.vocab_size, (2, 9)) for _ in range(STEPS * ACCUMULATE)]
+
+
+def test_companions_registered_before_the_optimizer_train_as_enabling_after_it() -> None:
+    """The Lightning order: add_companions from the config (before a wrapper), build_optimizer attaches them, then
+    enable_projected_gradients reuses them."""
+    model, batches = _tiny_and_batches()
+    settings = _settings("auto", "importance", "rotate")
+    expected = _train(copy.deepcopy(model), settings, False, batches, _lm_loss)
+    names = add_companions(model, settings)
+    assert len(names) == 14 and all(hasattr(model.get_submodule(n.rsplit(".", 1)[0]), COMPANION) for n in names)
+    optimizer = build_optimizer(model, settings)
+    assert len(optimizer.projected_weights()) == 14 and optimizer.param_groups[-1]["name"] == "projected"
+    handle = enable_projected_gradients(model, optimizer)
+    _steps(model, optimizer, batches, range(STEPS))
+    handle.remove()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, dict(expected.named_parameters())[name], rtol=1e-10, atol=1e-13, msg=name)
+
+
+@pytest.mark.parametrize("first", ["projected", "ordinary"])
+def test_a_checkpoint_resumes_across_projected_and_ordinary_training(first: str) -> None:
+    """6 steps one way, the model's and the optimizer's state dicts, 6 more steps the other way: the weights of 12
+    ordinary steps (float64). Neither state dict holds a companion or the companions' group."""
+    model, batches = _tiny_and_batches()
+    settings = _settings("auto", "importance", "rotate")
+    expected = _train(copy.deepcopy(model), settings, False, batches, _lm_loss)
+
+    def build(state: dict | None, projected: bool) -> tuple[nn.Module, torch.optim.Optimizer, object]:
+        fresh = copy.deepcopy(model)
+        optimizer = build_optimizer(fresh, settings)
+        handle = enable_projected_gradients(fresh, optimizer) if projected else None
+        if state is not None:
+            fresh.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        return fresh, optimizer, handle
+
+    one, optimizer, _ = build(None, first == "projected")
+    _steps(one, optimizer, batches, range(STEPS // 2))
+    state = {"model": copy.deepcopy(one.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict())}
+    assert not any(key.endswith(COMPANION) for key in state["model"])
+    assert [g["name"] for g in state["optimizer"]["param_groups"]] == ["lowrank", "plain", "plain_no_decay"]
+    two, optimizer, _ = build(state, first != "projected")
+    _steps(two, optimizer, batches, range(STEPS // 2, STEPS))
+    for name, param in expected.named_parameters():
+        torch.testing.assert_close(dict(two.named_parameters())[name], param, rtol=1e-10, atol=1e-13, msg=name)
+
+
+def test_gradient_clipping_over_the_param_groups_sees_r_for_projected_weights() -> None:
+    """The companions are listed in the optimizer's groups: a norm over the groups' gradients (what Lightning's
+    clipping computes) counts ||R|| for each projected weight on a non-refresh step, and zero_grad clears R."""
+    model, batches = _tiny_and_batches()
+    settings = _settings("auto", "dominant", "keep")
+    optimizer = build_optimizer(model, settings)
+    handle = enable_projected_gradients(model, optimizer)
+    _steps(model, optimizer, batches, range(1))  # the first bases
+    _lm_loss(model, batches[2]).backward()  # step 1: no refresh
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    companions = [model.get_submodule(n.rsplit(".", 1)[0]).weight_projected for n in add_companions(model, settings)]
+    assert all(any(g is c.grad for g in grads) for c in companions)
+    assert all(p.grad is None for p in optimizer.projected_weights())
+    optimizer.zero_grad(set_to_none=True)
+    assert all(c.grad is None for c in companions)
+    handle.remove()

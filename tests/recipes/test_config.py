@@ -108,6 +108,22 @@ def test_bare_name_with_suffix_and_overrides():
         ([f"data.train_files=[{REPO / 'README.md'}]"], ["data.train_files", "'embedded'", "data.source=files"]),
         (["trainer.gradient_clip_val=-1.0"], ["trainer.gradient_clip_val: invalid value -1.0", "null (off)"]),
         (["out_dir=''"], ["out_dir: empty", "current folder"]),
+        (
+            ["optimizer.lowrank.projected_gradients=true", "trainer.per_layer_updates=true"],
+            ["optimizer.lowrank.projected_gradients", "per_layer_updates", "false"],
+        ),
+        (
+            ["optimizer.lowrank.projected_gradients=true", "optimizer.lowrank.fira=true"],
+            ["optimizer.lowrank.projected_gradients", "fira", "accepted with fira: false"],
+        ),
+        (
+            ["optimizer.lowrank.projected_gradients=true", "trainer.strategy=fsdp2"],
+            ["optimizer.lowrank.projected_gradients", "fsdp2", "false"],
+        ),
+        (
+            ["optimizer.lowrank.projected_gradients=true", "optimizer.name=adamw"],
+            ["optimizer.lowrank.projected_gradients", "optimizer.name=lowrank", "adamw: false"],
+        ),
     ],
 )
 def test_bad_overrides_raise_config_errors(overrides, needles):
