@@ -39,7 +39,7 @@ from typing import Any
 from lowrank.memory import estimate_memory
 
 from _common import markdown_table, mib, pick_device, run_metadata
-from _memory_7b import table_7b
+from _memory_7b import table_7b, targets_markdown
 from _memory_rows import DEFAULT_ROWS, QUICK_ROWS, SIZES, VARIANTS, shapes, stagger_of
 
 GIB = 2**30
@@ -161,11 +161,18 @@ def main() -> None:
             rows.append(measure_row(size, variant, args))
             print(rows_table(rows[-1:]).splitlines()[-1], flush=True)
     text = (rows_table(rows) + "\n\n" if rows else "") + seven_b["markdown"]
+    text += "\n\n" + targets_markdown(seven_b["targets"])
     print(text)
     meta = run_metadata(device, {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
     meta["child_env"] = CHILD_ENV
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"meta": meta, "tolerance": TOLERANCE, "rows": rows, "table_7b": seven_b["rows"]}
+    result = {
+        "meta": meta,
+        "tolerance": TOLERANCE,
+        "rows": rows,
+        "table_7b": seven_b["rows"],
+        "projected_targets_7b": seven_b["targets"],
+    }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(text + "\n")
     failed = [f"{r['size']} {r['variant']}" for r in rows if r["passes"] is False]

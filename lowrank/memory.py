@@ -180,7 +180,8 @@ class TrainingShape:
     updates, the data-parallel world size (DDP: every device holds everything), the ``device`` kind, cpu or cuda
     (it decides the optimizer's temporaries: torch AdamW's single-tensor or foreach implementation, CompactAdamW's
     chunk size) and projected gradients (:mod:`lowrank.projected`: steady state, after the first step, which forms
-    every full gradient once to give every weight its first basis)."""
+    every full gradient once to give every weight its first basis; under DDP with ``gradient_as_bucket_view=True``,
+    as the recipe sets it, so that DDP's buckets are the gradients themselves)."""
 
     micro_batch_size: int = 1
     seq_len: int = 256
@@ -194,8 +195,7 @@ class TrainingShape:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per device by component; ``optimizer`` = ``moments`` + ``scales`` + ``bases`` + ``fira_norms`` +
-    ``companions`` (projected gradients: the R-shaped parameters the base optimizer steps, kept between steps).
+    """Bytes per device by component; ``optimizer`` = ``moments`` + ``scales`` + ``bases`` + ``fira_norms``.
 
     ``peak_phase`` is where the modelled peak falls: ``backward`` (activations alive, plus ``workspace``: the logits'
     gradient, the first weight gradients, under per-layer updates one weight's update or refresh) or ``step`` (every
@@ -213,11 +213,10 @@ class MemoryEstimate:
     activations: int
     workspace: int = 0
     peak_phase: str = "step"
-    companions: int = 0
 
     @property
     def optimizer(self) -> int:
-        return self.moments + self.scales + self.bases + self.fira_norms + self.companions
+        return self.moments + self.scales + self.bases + self.fira_norms
 
     @property
     def total(self) -> int:
@@ -399,9 +398,15 @@ def workspace_bytes(model: ModelShape, optimizer: OptimizerShape, training: Trai
             per_weight.append(math.prod(oriented) * s + max(projected, refresh))
         return {"backward": max(loss_backward, released + max(per_weight)), "step": 0}
     head_backward = released + n * v * s + v * c * s  # the logits' gradient and the head's
-    # projected gradients: R is the companions' gradient (in ``gradients``) and the companions are the stand-ins
-    projected = 0 if training.projected_gradients else 2 * s * sum(math.prod(r) for _, r in lowrank)
-    update = projected + _update_bytes(_base_groups(model, optimizer), optimizer, training)
+    if training.projected_gradients:
+        # R is the companions' gradient (in ``gradients``); the plain groups step first, then one low-rank weight at a
+        # time with its stand-in (the companions themselves hold no memory after the first step)
+        plain = _base_groups(model, optimizer)[1 if lowrank else 0 :]
+        one = max((math.prod(r) * s + _update_bytes([[r]], optimizer, training) for _, r in lowrank), default=0)
+        update = max(_update_bytes(plain, optimizer, training), one)
+    else:  # every projected gradient and its stand-in at once, then the base's update over every group
+        projected = 2 * s * sum(math.prod(r) for _, r in lowrank)
+        update = projected + _update_bytes(_base_groups(model, optimizer), optimizer, training)
     refresh = max((_refresh_bytes(o, optimizer, training) for o, _ in lowrank), default=0)
     if training.projected_gradients:  # the refreshing slice's G lives until it is re-projected, before the update
         refresh += _refresh_slice_gradients(model, optimizer, training.param_dtype)
@@ -414,16 +419,17 @@ def estimate_memory(model: ModelShape, optimizer: OptimizerShape, training: Trai
     _check(optimizer, training)
     dtype = training.param_dtype
     weights = weight_bytes(model, dtype)
-    companions = 0
     if training.per_layer_updates:
         gradients = max(math.prod(shape) for _, shape in model.parameters()) * dtype.itemsize
     elif training.projected_gradients:  # plain gradients and R (a refresh slice's G: the step's workspace)
-        companions = sum(math.prod(r) for _, r in _lowrank_shapes(model, optimizer)) * dtype.itemsize
+        projected = sum(math.prod(r) for _, r in _lowrank_shapes(model, optimizer)) * dtype.itemsize
         plain = sum(math.prod(p) for n, p in model.parameters() if not _is_target(n, p, optimizer))
-        gradients = plain * dtype.itemsize + companions
+        gradients = plain * dtype.itemsize + projected
     else:
         gradients = weights
-    buckets = weights if training.world_size > 1 else 0
+    # DDP's buckets: a second gradient-sized copy, except with projected gradients (gradient_as_bucket_view=True: the
+    # gradients are views into the buckets, and the frozen weights have none)
+    buckets = weights if training.world_size > 1 and not training.projected_gradients else 0
     state = optimizer_bytes(model, optimizer, dtype)
     activations = activation_bytes(model, training)["total"]
     work = workspace_bytes(model, optimizer, training)
@@ -436,6 +442,5 @@ def estimate_memory(model: ModelShape, optimizer: OptimizerShape, training: Trai
         activations=activations,
         workspace=work[phase],
         peak_phase=phase,
-        companions=companions,
         **state,
     )

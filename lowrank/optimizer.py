@@ -516,10 +516,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if not self._scheduled_done:  # under per-layer updates only weights without a hook still have a gradient
             self._run(self._scheduled(None), self._schedule.split_across_ranks)
         active = []  # (group, param, stand-in, basis, side)
+        one_by_one = []  # projected gradients (lowrank.projected): R is the companion's gradient
         for group, name, param in self._lowrank_params():
-            if param in self._companions:  # projected gradients (lowrank.projected): R is the companion's gradient
+            if param in self._companions:
                 entry = self._companion_entry(group, name, param)
-                active.extend([] if entry is None else [entry])
+                one_by_one.extend([] if entry is None else [entry])
                 continue
             if param.grad is None:
                 self._stand_ins[param].grad = None
@@ -529,11 +530,25 @@ class LowRankOptimizer(torch.optim.Optimizer):
         # GPU step of the 60m shapes about 10%: bench/optimizer_step.py).
         if active:
             torch._foreach_zero_([local(entry[2]) for entry in active])
+        held = [entry[2].grad for entry in one_by_one]
+        for entry in one_by_one:
+            entry[2].grad = None  # out of the batched step
         self._base.step()
         for entry in active:
             self._apply_update(*entry)
             entry[2].grad = None
             _release(entry[2])
+        # Projected gradients: one weight at a time, so that one stand-in (the base's R-sized workspace) exists at a
+        # time instead of one per weight (at 7B, rank 1024, bf16: 3.2 GB); the companions become hollow (_hollow)
+        for entry, grad in zip(one_by_one, held):
+            stand_in, companion = entry[2], self._companions[entry[1]]
+            _materialize(stand_in).zero_()
+            stand_in.grad = grad
+            self._base_step_on(stand_in)
+            self._apply_update(*entry)
+            stand_in.grad = companion.grad = None
+            _release(stand_in)
+            _hollow(companion)
         for group in self.param_groups:
             if group["rank"] is not None:
                 group["lowrank_step"] += 1
@@ -580,7 +595,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
     ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor, str] | None:
         """The update entry of a weight with projected gradients: on the steps that formed G (a refresh, a first
         basis) R = project(G, B) on the basis just installed, replacing the R on the old basis, and G is freed;
-        otherwise the companion's gradient as it is."""
+        otherwise the companion's gradient as it is, handed to the stand-in."""
         companion = self._companions[param]
         if param.grad is not None:
             entry = self._project_grad(group, name, param, zero=False)
@@ -588,7 +603,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return entry
         if companion.grad is None:
             return None
-        return group, param, companion, self.state[param]["lowrank_basis"], _side(group, param)
+        self._stand_ins[param].grad = companion.grad
+        return group, param, self._stand_ins[param], self.state[param]["lowrank_basis"], _side(group, param)
 
     # ------------------------------------------------------------------------------------- projected gradients
     def _reduce_full_gradients(self) -> None:
@@ -628,8 +644,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return _side(self.param_groups[gi], param)
 
     def attach_companion(self, param: torch.Tensor, companion: torch.Tensor) -> None:
-        """Makes ``companion`` (R's shape, a parameter whose gradient backward fills with R: lowrank.projected)
-        ``param``'s stand-in, the tensor the base optimizer steps (its state moves along)."""
+        """Makes ``companion`` (R's shape, a parameter whose gradient backward fills with R: lowrank.projected) the
+        holder of ``param``'s projected gradient: the step hands its gradient to ``param``'s stand-in."""
         expected = tuple(self._stand_ins[param].shape)
         if tuple(companion.shape) != expected or companion.dtype != self._stand_ins[param].dtype:
             raise ValueError(
@@ -637,8 +653,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 f"whose projected gradient is {expected} ({self._stand_ins[param].dtype}); register the companions "
                 "from the same optimizer config (rank, side) that builds the optimizer"
             )
-        self._swap_stand_in(param, companion)
-        companion._lowrank_companion = True  # type: ignore[attr-defined]  # keeps its storage (_release)
+        companion._lowrank_companion = True  # type: ignore[attr-defined]
         self._companions[param] = companion
         gi, pi = _locate(self._where, self.param_groups, param)
         name = self.param_groups[gi]["param_names"][pi] + "_projected"
@@ -652,24 +667,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
             group["param_names"].append(name)
 
     def detach_companion(self, param: torch.Tensor) -> None:
-        """Gives ``param`` a plain stand-in again (its state moves along)."""
+        """Ends projected gradients for ``param``: its gradient is the full one again."""
         companion = self._companions.pop(param)
         group = next(g for g in self.param_groups if g.get("companions"))
         index = next(i for i, p in enumerate(group["params"]) if p is companion)
         del group["params"][index], group["param_names"][index]
         if not group["params"]:
             self.param_groups.remove(group)
-        self._swap_stand_in(
-            param, _release(torch.empty(companion.shape, dtype=companion.dtype, device=companion.device))
-        )
-
-    def _swap_stand_in(self, param: torch.Tensor, new: torch.Tensor) -> None:
-        old = self._stand_ins[param]
-        for group in self._base.param_groups:
-            group["params"] = [new if p is old else p for p in group["params"]]
-        if old in self._base.state:
-            self._base.state[new] = self._base.state.pop(old)
-        self._stand_ins[param] = new
 
     def _project_grad(
         self, group: dict[str, Any], name: str, param: torch.Tensor, zero: bool = True
@@ -804,10 +808,18 @@ def _materialize(stand_in: torch.Tensor) -> torch.Tensor:
     return stand_in
 
 
+def _hollow(companion: torch.Tensor) -> None:
+    """Makes a companion's data a zero-stride view of one zero (no memory; readable, movable; autograd reads only its
+    shape, DDP only its gradient). Done at the first step, after any data-parallel wrapper was built: DDP's broadcast
+    at construction cannot write into such a view."""
+    if companion.dim() and any(companion.stride()):
+        companion.data = torch.zeros((), dtype=companion.dtype, device=companion.device).expand(companion.shape)
+
+
 def _release(stand_in: torch.Tensor) -> torch.Tensor:
     """Frees a plain stand-in's storage, keeping the tensor (its identity keys the base's state, its shape and
     dtype the base's checks); DTensor stand-ins keep theirs."""
-    if not is_dtensor(stand_in) and not getattr(stand_in, "_lowrank_companion", False):
+    if not is_dtensor(stand_in):
         stand_in.untyped_storage().resize_(0)
     return stand_in
 

@@ -160,7 +160,7 @@ def _register(module: nn.Module, param: torch.Tensor, rank: int, side: str) -> n
         param._lowrank_frozen = True  # type: ignore[attr-defined]
     module._lowrank_hooks = (  # type: ignore[assignment]
         module._register_state_dict_hook(_drop_companion),
-        module._register_load_state_dict_pre_hook(_fill_companion, with_module=True),
+        module.register_load_state_dict_post_hook(_companion_not_missing),
     )
     return companion
 
@@ -179,11 +179,10 @@ def _drop_companion(module: nn.Module, state_dict: dict[str, Any], prefix: str, 
     state_dict.pop(prefix + COMPANION, None)
 
 
-def _fill_companion(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """An ordinary checkpoint (or one written without companions) loads into a projected model: the companion keeps
-    its value (the optimizer's workspace)."""
-    if hasattr(module, COMPANION):
-        state_dict.setdefault(prefix + COMPANION, getattr(module, COMPANION).detach())
+def _companion_not_missing(module: nn.Module, incompatible: Any) -> None:
+    """A state dict without companions (every state dict: they are left out) loads strictly into a projected model;
+    a companion is the optimizer's workspace, with no value to restore."""
+    incompatible.missing_keys[:] = [key for key in incompatible.missing_keys if not key.endswith(COMPANION)]
 
 
 def remove_companions(model: nn.Module) -> None:
