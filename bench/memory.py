@@ -4,8 +4,9 @@
 Rows (``bench/_memory_rows.py``): 60M and 130M in fp32, 350M and 1B in bf16 ("bf16-true": weights, gradients and
 torch AdamW's moments in bf16), micro-batch 1 x sequence 256, ranks 128 / 256 / 256 / 512; variants AdamW with fp32
 states (moments in the parameter dtype), AdamW with 8-bit states, low-rank with fp32 and 8-bit states, low-rank 8-bit
-with per-layer updates, and at 1B the same with activation checkpointing. Refreshes use the exact SVD (importance
-sampling) up to 350M and the randomized one at 1B.
+with per-layer updates, low-rank 8-bit with projected gradients (measured from step 1 on: step 0 forms every full
+gradient for the first bases), and at 1B per-layer updates with activation checkpointing. Refreshes use the exact
+SVD (importance sampling) up to 350M and the randomized one at 1B.
 
 Each row is a child process (this script with ``--child``) that builds the model in its dtype, runs ``--steps``
 steps (step 0 gives every low-rank weight its first basis, step 1 refreshes one slice) and reports its peak above
@@ -17,7 +18,7 @@ number of layers (a refresh step re-selects one layer's matrices); each is run a
 basis at once: the step's refresh records hold every old basis until it ends) and that peak is printed beside it.
 
     python bench/memory.py --quick                 # tiny shapes, seconds (a test runs this)
-    python bench/memory.py                         # every 60M-1B row (about 42 minutes on 2 cores)
+    python bench/memory.py                         # every 60M-1B row (about 50 minutes on 2 cores)
     python bench/memory.py --sizes 60m 130m        # some sizes
     python bench/memory.py --table-7b              # the estimator's 7B table only, no training
 

@@ -9,12 +9,13 @@ G = dy^T x, but the low-rank optimizer only uses its projection R on the basis B
 computed in that order: N r (m + n) multiply-adds instead of N m n + m n r, and no (m, n) buffer. dx = dy W is
 unchanged. R lands in the gradient of a *companion* parameter of R's shape registered on the module
 (``<module>.weight_projected``), so accumulation over micro-batches and gradient clipping treat it as an ordinary
-gradient (clipping then sees ||R|| <= ||G|| for these weights); the optimizer steps the companion as the base
-optimizer's stand-in. The weight itself gets no gradient, except on the steps whose refresh needs G: the
-optimizer's schedule says before the forward pass which weights refresh at the coming step (``optimizer.due()``,
-plus those without a basis yet), the decision is taken at forward time and kept in the autograd context (activation
-checkpointing's recomputation sees the same one), and on those steps backward forms G as usual; the optimizer
-refreshes the basis from G and recomputes R = project(G, B_new) before updating.
+gradient (clipping then sees ||R|| <= ||G|| for these weights); the optimizer hands it to the weight's stand-in and
+steps the projected weights one at a time (one R-sized workspace at a time). The companion's values are never used: from
+the first step on it is a zero-stride view of one zero (no memory). The weight itself gets no gradient, except on the
+steps whose refresh needs G: the optimizer's schedule says before the forward pass which weights refresh at the coming
+step (``optimizer.due()``, plus those without a basis yet), the decision is taken at forward time and kept in the
+autograd context (activation checkpointing's recomputation sees the same one), and on those steps backward forms G as
+usual; the optimizer refreshes the basis from G and recomputes R = project(G, B_new) before updating.
 
     handle = enable_projected_gradients(model, optimizer)   # before training; a LowRankOptimizer over model
     for batch in data:
@@ -25,8 +26,8 @@ refreshes the basis from G and recomputes R = project(G, B_new) before updating.
 
 The companions are listed in the optimizer's param groups (a last group named ``projected``, left out of its
 ``state_dict``), so that ``zero_grad``, AMP unscaling and gradient clipping see R; they are left out of the model's
-``state_dict`` too (their values are the base optimizer's workspace): a checkpoint of a projected run is that of an
-ordinary one, and either resumes as the other.
+``state_dict`` too (they have no value to keep): a checkpoint of a projected run is that of an ordinary one, and
+either resumes as the other.
 
 Several processes (DDP): the weight must not require grad when DDP wraps the model, else DDP allocates and
 all-reduces an (m, n) zero gradient every step; so with an initialised process group of several ranks the weights
@@ -38,8 +39,8 @@ When the optimizer is built inside the wrapper (Lightning's ``configure_optimize
 first from the optimizer config with :func:`add_companions` (``build_optimizer`` attaches them), and enable after.
 
 The weights are equal to the ordinary path's (tests/lowrank/test_projected.py: float64, both sides, every moment
-policy, gradient accumulation; tests/distributed: 2 DDP ranks). Per-layer updates and Fira (which need G at every
-step) and FSDP2 are refused.
+policy, gradient accumulation, torch.compile around the model; tests/distributed: 2 DDP ranks). Per-layer updates and
+Fira (which need G at every step) and FSDP2 are refused.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def _drop_companion(module: nn.Module, state_dict: dict[str, Any], prefix: str, 
 
 def _companion_not_missing(module: nn.Module, incompatible: Any) -> None:
     """A state dict without companions (every state dict: they are left out) loads strictly into a projected model;
-    a companion is the optimizer's workspace, with no value to restore."""
+    a companion has no value to restore."""
     incompatible.missing_keys[:] = [key for key in incompatible.missing_keys if not key.endswith(COMPANION)]
 
 

@@ -277,3 +277,44 @@ def test_gradient_clipping_over_the_param_groups_sees_r_for_projected_weights() 
     optimizer.zero_grad(set_to_none=True)
     assert all(c.grad is None for c in companions)
     handle.remove()
+
+
+@pytest.mark.slow  # torch.compile: about 10 s of compilation on 2 cores
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_compiled_model_with_projected_gradients_trains_as_the_eager_one(side: str) -> None:
+    """torch.compile around the model: the refresh decision is a Python bool the compiled code is guarded on, so the
+    refresh steps (0, 3, 6) and the steps between give the eager weights (fp32 tolerance)."""
+    torch.manual_seed(0)
+    base = MLP()
+    batches = [torch.randn(8, 22) for _ in range(8)]
+    settings = _settings(side, "importance", "keep") | {"lowrank": {"rank": 4, "side": side, "targets": [r"\bup\b"]}}
+    trained = {}
+    for compiled in (False, True):
+        model = copy.deepcopy(base)
+        optimizer = build_optimizer(model, settings)
+        handle = enable_projected_gradients(model, optimizer)
+        forward = torch.compile(model) if compiled else model
+        for batch in batches:
+            _mlp_loss(forward, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        handle.remove()
+        trained[compiled] = copy.deepcopy(model)
+    for (name, param), (_, expected) in zip(trained[True].named_parameters(), trained[False].named_parameters()):
+        torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(trained[True].up.weight, base.up.weight)
+
+
+def test_companions_hold_no_memory_after_the_first_step_and_survive_a_move() -> None:
+    model, batches = _tiny_and_batches()
+    optimizer = build_optimizer(model, _settings("auto", "dominant", "keep"))
+    handle = enable_projected_gradients(model, optimizer)
+    companions = [m.weight_projected for m in model.modules() if hasattr(m, COMPANION)]
+    assert len(companions) == 14 and all(c.untyped_storage().nbytes() == c.numel() * 8 for c in companions)
+    _steps(model, optimizer, batches, range(1))
+    assert all(c.stride() == (0, 0) and c.untyped_storage().nbytes() == 8 for c in companions)  # one float64 zero
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # every parameter stays readable
+    model.float().double()  # a move copies the views into real tensors; the next step makes them hollow again
+    _steps(model, optimizer, batches, range(1, 2))
+    assert all(c.stride() == (0, 0) for c in companions)
+    handle.remove()
