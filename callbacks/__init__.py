@@ -10,7 +10,7 @@ time, watch and log it.
 * :class:`RefreshSubscriber`: base of any callback that wants every refresh's records (the monitor is one).
 * :class:`PerLayerUpdates`: steps each weight inside backward (lowrank.per_layer), freeing its gradient at once.
 * :class:`ProjectGradients`: backward forms the low-rank weights' gradients in projected form (lowrank.projected),
-  the full gradient only on refresh steps; one device or DDP.
+  the full gradient only on refresh steps; one device, DDP or FSDP2.
 * :class:`FiniteLossGuard`: stops the run at the first non-finite loss, before the optimizer step (ranks agree).
 * :class:`GracefulStop`: on SIGTERM or SIGINT, saves the step's checkpoint at the next optimizer-step boundary and
   stops with :class:`RunStopped` (exit status 143 / 130); a second Ctrl+C stops at once.

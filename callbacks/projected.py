@@ -11,13 +11,17 @@ every step). So ``setup`` registers the companions from the same optimizer confi
 passes to ``lowrank.build_optimizer`` (which attaches them), freezing the weights when several processes train, and
 ``on_fit_start`` turns the mechanism on; ``teardown`` removes it (companions gone, weights as before).
 
-Checks in ``setup`` (one error names every problem): the FSDP2 strategy (ModelParallelStrategy) and
-``PerLayerUpdates`` are refused; in ``on_fit_start``: exactly one ``LowRankOptimizer``, built over the companions
-(else ``configure_optimizers`` did not use this config), and what :func:`lowrank.projected.projected_problems` says.
-Checkpoints: the companions are in neither the model's nor the optimizer's state dict, and ``on_save_checkpoint``
-drops the companions' group from the learning-rate schedulers' per-group lists (``base_lrs``, ``lr_lambdas``...), so
-a projected run's checkpoint is an ordinary run's; ``on_load_checkpoint`` adds that entry back (a copy of the last
-group's). Either kind resumes as the other.
+Under FSDP2 (ModelParallelStrategy) ``setup`` runs before the module's ``configure_model``, whose ``fully_shard``
+then shards the companions with the weights (``add_companions(..., fsdp2=True)``: the weights keep requires_grad).
+
+Checks in ``setup``: ``PerLayerUpdates`` is refused; in ``on_fit_start``: exactly one ``LowRankOptimizer``, built
+over the companions (else ``configure_optimizers`` did not use this config), and what
+:func:`lowrank.projected.projected_problems` says.
+
+Checkpoints: the companions are not in the model's state dict; the optimizer's keeps their group (last, without
+state) and drops it on load; ``on_save_checkpoint`` drops it from the learning-rate schedulers' per-group lists
+(``base_lrs``, ``lr_lambdas``...) and ``on_load_checkpoint`` adds that entry back (a copy of the last group's), so
+either kind of run resumes as the other.
 
 Use it with a :class:`SubspaceResampler` (it re-projects R on the refreshed bases before clipping). Under DDP pass
 ``DDPStrategy(gradient_as_bucket_view=True)`` so that DDP keeps no second copy of R.
@@ -40,6 +44,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lowrank.companions import companions_of
 from lowrank.config import OptimizerConfig
 from lowrank.projected import (
     ProjectedGradients,
@@ -73,15 +78,13 @@ class ProjectGradients(Callback):
         if stage != "fit":
             return
         problems = []
-        if isinstance(trainer.strategy, ModelParallelStrategy):
-            problems.append(
-                "the FSDP2 strategy (ModelParallelStrategy) is not supported yet; accepted: a single device or DDP"
-            )
         if any(isinstance(cb, PerLayerUpdates) for cb in trainer.callbacks):
             problems.append("PerLayerUpdates steps inside backward from the full gradient: use one or the other")
         if problems:
             raise MisconfigurationException(f"{WHO}: " + "; ".join(problems))
-        self.names = add_companions(pl_module, self.optimizer_config)
+        # before configure_model's fully_shard (FSDP2 shards the companions too) and before DDP wraps the model
+        fsdp2 = isinstance(trainer.strategy, ModelParallelStrategy)
+        self.names = add_companions(pl_module, self.optimizer_config, fsdp2=fsdp2)
         if not self.names:
             raise MisconfigurationException(f"{WHO}: the optimizer config makes no weight low-rank (optimizer.name?)")
 
@@ -90,9 +93,7 @@ class ProjectGradients(Callback):
         optimizer = find_lowrank_optimizer(trainer, WHO)
         problems = projected_problems(pl_module, optimizer)
         attached = set(map(id, optimizer.projected_weights()))
-        missing = [
-            n for n, p in pl_module.named_parameters() if hasattr(p, "_lowrank_projected") and id(p) not in attached
-        ]
+        missing = [name for name, (weight, _) in companions_of(pl_module).items() if id(weight) not in attached]
         if missing:
             problems.append(
                 f"{missing[0]} and {len(missing) - 1} more weights have companions the optimizer does not step: build "
@@ -121,7 +122,7 @@ class ProjectGradients(Callback):
         saved = checkpoint.get("optimizer_states") or []
         if len(saved) != 1 or "param_groups" not in saved[0]:
             return
-        groups = len(saved[0]["param_groups"])  # without the companions' group (a projected or an ordinary run)
+        groups = sum(not g.get("companions") for g in saved[0]["param_groups"])  # without the companions' group
         for state in checkpoint.get("lr_schedulers", []):
             for key, value in list(state.items()):
                 if isinstance(value, list) and value and len(value) == groups:

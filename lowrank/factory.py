@@ -28,6 +28,7 @@ from torch import nn
 
 from lowrank.bases import BASES
 from lowrank.compact_adamw import CompactAdamW
+from lowrank.companions import companions_of
 from lowrank.config import PRECISION_BASES, OptimizerConfig, optimizer_config_from_dict
 from lowrank.decay import NO_DECAY_SUFFIX, decays, unmatched
 from lowrank.names import module_types
@@ -112,10 +113,12 @@ def _groups(
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The parameters an optimizer takes: those that require grad, plus the weights with projected gradients (which
     do not under DDP: lowrank.projected), without their companions (stepped through the weights)."""
+    companions = companions_of(model)
+    skip = {id(companion) for _, companion in companions.values()}
     return [
         (name, p)
         for name, p in model.named_parameters()
-        if (p.requires_grad or hasattr(p, "_lowrank_projected")) and not getattr(p, "_lowrank_companion", False)
+        if (p.requires_grad or name in companions) and id(p) not in skip
     ]
 
 
@@ -159,7 +162,8 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | Mapping[str, Any
     """
     cfg = optimizer_config_from_dict(config)
     named = _trainable(model)
-    projected = [name for name, p in named if hasattr(p, "_lowrank_projected")]
+    companions = companions_of(model)
+    projected = [name for name, _ in named if name in companions]
     if not named:
         raise ValueError("model has no trainable parameters")
     decay = _decay(named, cfg)
@@ -230,6 +234,6 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | Mapping[str, Any
     )
     optimizer.group_table = GroupTable(tuple(rows), seed.value, seed.source)
     for name, param in named:  # companions registered before the optimizer (lowrank.projected.add_companions)
-        if name in projected:
-            optimizer.attach_companion(param, param._lowrank_projected)  # type: ignore[attr-defined]
+        if name in companions:
+            optimizer.attach_companion(param, companions[name][1])
     return optimizer

@@ -627,7 +627,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
             basis = self.state.get(param, {}).get("lowrank_basis")
             if param.grad is None or basis is None:
                 continue
-            low = project(param.grad, basis, self.side_of(param))
+            side = self.side_of(param)
+            if is_dtensor(param):  # FSDP2: R_i = G_i B on each row shard, a DTensor sharded like the companion
+                gi, _ = _locate(self._where, self.param_groups, param)
+                low = like_rows(project(local(param.grad), local(basis), side), param, self.param_groups[gi]["rank"])
+            else:
+                low = project(param.grad, basis, side)
             if companion.grad is None:
                 companion.grad = low.to(companion.dtype)
             else:
@@ -741,8 +746,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch.optim layout, one entry per parameter index: the base's state plus this optimizer's own."""
         outer = super().state_dict()
-        # the companions' group (last) is left out: a projected run saves what an ordinary one does
-        outer["param_groups"] = [g for g in outer["param_groups"] if not g.get("companions")]
+        # the companions' group (last, projected gradients) stays, without state: torch.distributed.checkpoint maps
+        # the saved groups onto param_groups by position; load_state_dict drops it on either side
         base = self._base.state_dict()["state"]  # same parameter order, stand-ins in place of low-rank weights
         merged = {}
         for index in sorted(set(outer["state"]) | set(base)):
@@ -762,6 +767,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self.param_groups.extend(companions)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # a projected run's companions' group (last) has no state: an ordinary and a projected run load each other's
+        saved_groups = [g for g in state_dict["param_groups"] if not g.get("companions")]
+        state_dict = {**state_dict, "param_groups": saved_groups}
         state_dict = regroup_by_name(self, state_dict) or state_dict
         self._pending, self._scheduled_done, self._due_this_step = [], False, None  # nothing of a step in progress
         # As torch.optim does, state keys are matched to parameters by their order in the saved groups' "params"
@@ -812,7 +820,7 @@ def _hollow(companion: torch.Tensor) -> None:
     """Makes a companion's data a zero-stride view of one zero (no memory; readable, movable; autograd reads only its
     shape, DDP only its gradient). Done at the first step, after any data-parallel wrapper was built: DDP's broadcast
     at construction cannot write into such a view."""
-    if companion.dim() and any(companion.stride()):
+    if companion.dim() and any(companion.stride()) and not is_dtensor(companion):  # FSDP2 shards it instead
         companion.data = torch.zeros((), dtype=companion.dtype, device=companion.device).expand(companion.shape)
 
 

@@ -40,7 +40,8 @@ first from the optimizer config with :func:`add_companions` (``build_optimizer``
 
 The weights are equal to the ordinary path's (tests/lowrank/test_projected.py: float64, both sides, every moment
 policy, gradient accumulation, torch.compile around the model; tests/distributed: 2 DDP ranks). Per-layer updates and
-Fira (which need G at every step) and FSDP2 are refused.
+Fira (which need G at every step) are refused. FSDP2: :func:`add_companions` with ``fsdp2=True`` before
+``fully_shard`` (tests/distributed/test_projected_fsdp2.py).
 """
 
 from __future__ import annotations
@@ -53,13 +54,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank.dtensor import is_dtensor
+from lowrank.companions import COMPANION, companions_of
+from lowrank.dtensor import is_dtensor, local
 from lowrank.factory import lowrank_plan
 from lowrank.optimizer import LowRankOptimizer
 from lowrank.projector import project, projected_shape
 from lowrank.split_refresh import world
 
-COMPANION = "weight_projected"
+__all__ = ["COMPANION", "ProjectedGradients", "add_companions", "enable_projected_gradients", "remove_companions"]
 
 
 class _ProjectedLinear(torch.autograd.Function):
@@ -78,6 +80,7 @@ class _ProjectedLinear(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight, basis)
         ctx.side, ctx.full, ctx.companion_shape, ctx.weight = side, full, companion.shape, weight
+        ctx.companion = companion  # FSDP2: its gradient is set here, not returned (add_companions)
         device = x.device.type  # backward runs under the forward's autocast state (as torch.amp.custom_bwd does)
         ctx.autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
         return F.linear(x, weight)
@@ -109,6 +112,10 @@ class _ProjectedLinear(torch.autograd.Function):
             low = dy2.T @ (x2 @ basis)  # (m, N) (N, r) -> (m, r)
         else:
             low = (dy2 @ basis).T @ x2  # (r, N) (N, n) -> (r, n)
+        if not ctx.needs_input_grad[2]:  # FSDP2 companions do not require grad: R accumulates into .grad here
+            holder = ctx.companion
+            holder.grad = low.to(holder.dtype) if holder.grad is None else holder.grad.add_(low)
+            low = None
         return dx, grad_w if ctx.needs_input_grad[1] else None, low, None, None, None
 
 
@@ -149,14 +156,18 @@ class ProjectedGradients:
         self._patched = []
 
 
-def _register(module: nn.Module, param: torch.Tensor, rank: int, side: str) -> nn.Parameter:
+def _register(
+    module: nn.Module, param: torch.Tensor, rank: int, side: str, freeze: bool | None = None, fsdp2: bool = False
+) -> nn.Parameter:
     """Registers ``module.weight_projected`` (R's shape) for ``param`` = ``module.weight``; marks both; freezes the
-    weight when several processes train (module docstring); leaves the companion out of the module's state dict."""
-    companion = nn.Parameter(torch.zeros(projected_shape(param.shape, side, rank), **_like(param)))
+    weight when ``freeze`` (None: when several processes train; DDP, module docstring); leaves the companion out of
+    the module's state dict."""
+    shape = projected_shape(param.shape, side, rank)
+    companion = nn.Parameter(torch.zeros(shape, **_like(param)), requires_grad=not fsdp2)
     companion._lowrank_companion = True  # type: ignore[attr-defined]
     module.register_parameter(COMPANION, companion)
     param._lowrank_projected = companion  # type: ignore[attr-defined]
-    if world()[1] > 1 and param.requires_grad:
+    if (world()[1] > 1 if freeze is None else freeze) and param.requires_grad and not fsdp2:
         param.requires_grad_(False)
         param._lowrank_frozen = True  # type: ignore[attr-defined]
     module._lowrank_hooks = (  # type: ignore[assignment]
@@ -170,7 +181,7 @@ def _unregister(module: nn.Module, param: torch.Tensor) -> None:
     delattr(module, COMPANION)
     for handle in module.__dict__.pop("_lowrank_hooks", ()):
         handle.remove()
-    del param._lowrank_projected  # type: ignore[attr-defined]
+    param.__dict__.pop("_lowrank_projected", None)
     if getattr(param, "_lowrank_frozen", False):
         param.requires_grad_(True)
         del param._lowrank_frozen  # type: ignore[attr-defined]
@@ -189,17 +200,23 @@ def _companion_not_missing(module: nn.Module, incompatible: Any) -> None:
 def remove_companions(model: nn.Module) -> None:
     """Removes every companion :func:`add_companions` registered on ``model`` (weights as before), for a model whose
     optimizer never took them (a run that failed before projected gradients were enabled)."""
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if hasattr(module, COMPANION) and weight is not None and hasattr(weight, "_lowrank_projected"):
-            _unregister(module, weight)
+    owners = _owners(model)
+    for weight, _ in companions_of(model).values():
+        _unregister(owners[id(weight)], weight)
 
 
-def add_companions(model: nn.Module, config: Any) -> list[str]:
+def add_companions(model: nn.Module, config: Any, freeze: bool | None = None, fsdp2: bool = False) -> list[str]:
     """Registers the companions of every weight that ``lowrank.build_optimizer(model, config)`` will make low-rank,
     before the optimizer exists and before a data-parallel wrapper sees the model (module docstring);
     ``build_optimizer`` attaches them, :func:`enable_projected_gradients` then turns the mechanism on. Returns the
-    weights' names; a weight that has one already is left as it is."""
+    weights' names; a weight that has one already is left as it is.
+
+    ``freeze``: take the weights out of autograd (``requires_grad=False``; backward then accumulates G into
+    ``W.grad`` itself on refresh steps), which DDP needs; None: when a process group of several ranks is initialised.
+    ``fsdp2``: for a model that ``fully_shard`` will shard next (which shards the companions too): the weights keep
+    requires_grad (backward returns G on refresh steps only, which FSDP2 reduce-scatters), and the companions do not
+    require grad: backward sets their gradient itself, which FSDP2 reduce-scatters all the same, while
+    torch.distributed.checkpoint's strict optimizer load then asks no state of them."""
     owners = _owners(model)
     names = []
     for name, param, rank, side in lowrank_plan(model, config):
@@ -207,9 +224,12 @@ def add_companions(model: nn.Module, config: Any) -> list[str]:
         if not isinstance(module, nn.Linear):
             raise ValueError(f"projected gradients: {name}: only nn.Linear weights can be projected")
         if is_dtensor(param):
-            raise ValueError(f"projected gradients: {name}: sharded (FSDP2) weights are not supported yet")
-        if not hasattr(param, "_lowrank_projected"):
-            _register(module, param, rank, side)
+            raise ValueError(
+                f"projected gradients: {name} is sharded already: register the companions before fully_shard "
+                "(add_companions(model, config, fsdp2=True), then fully_shard)"
+            )
+        if COMPANION not in module._parameters:
+            _register(module, param, rank, side, freeze, fsdp2)
         names.append(name)
     return names
 
@@ -218,6 +238,7 @@ def _forward(manager: ProjectedGradients, name: str, param: torch.Tensor, side: 
     def forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         companion = getattr(module, COMPANION)
         basis = manager.optimizer.state.get(param, {}).get("lowrank_basis")
+        basis = None if basis is None else local(basis)  # FSDP2: a replicated DTensor; its local tensor is whole
         full = manager.full_gradient(name, param)
         y = _ProjectedLinear.apply(x, module.weight, companion, basis, side, full)
         return y if module.bias is None else y + module.bias
@@ -254,8 +275,11 @@ def projected_problems(model: nn.Module, optimizer: Any) -> list[str]:
         module = owners.get(id(param))
         if not isinstance(module, nn.Linear):
             problems.append(f"{name}: only nn.Linear weights can be projected (owner: {type(module).__name__})")
-        elif is_dtensor(param):
-            problems.append(f"{name}: sharded (FSDP2) weights are not supported yet")
+        elif is_dtensor(param) and not is_dtensor(optimizer._companions.get(param)):
+            problems.append(
+                f"{name}: a sharded (FSDP2) weight needs its companion registered before fully_shard "
+                "(add_companions(model, config, freeze=False), then fully_shard, then build_optimizer)"
+            )
         elif group["fira"]:
             problems.append(f"{name}: Fira's residual needs the full gradient at every step (lowrank.fira: false)")
     if optimizer.per_layer is not None:

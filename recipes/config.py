@@ -660,8 +660,4 @@ def projected_problems(run: RunConfig) -> list[str]:
             f"{key}: not supported with optimizer.lowrank.fira (Fira's residual needs the full gradient at every "
             "step); accepted with fira: false"
         )
-    if run.trainer.strategy == "fsdp2":
-        problems.append(
-            f"{key}: not supported with trainer.strategy=fsdp2 yet; accepted with fsdp2: false (or strategy ddp)"
-        )
     return problems

@@ -22,6 +22,10 @@ what fsdp2 forces) runs in this process. Global batch 8, micro-batch 4; ``update
 * The full checkpoints load with ``torch.load(weights_only=True)`` and hold whole (unsharded) weights and optimizer
   state; the one of step 6 resumes in a single process (no FSDP2) and repeats the 1-process reference's steps 7-12
   (measured: bitwise).
+* With ``optimizer.lowrank.projected_gradients=true`` (companions registered in the callback's ``setup``, before
+  ``configure_model``'s ``fully_shard``, which shards them with the weights; R reduce-scattered as their gradient,
+  G only on refresh steps) the 2-rank run equals the ordinary 2-rank run to fp32 tolerance, and a projected run
+  stopped at step 6 and resumed from its sharded checkpoint repeats the uninterrupted projected run exactly.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ FSDP2 = ["trainer.devices=2", "trainer.strategy=fsdp2"]
 SELECTORS = ("importance", "dominant")
 TOL = 1e-5
 RIGHT = ("optimizer.lowrank.side=right",)  # what fsdp2 forces, for the 1-process runs
+PROJECTED = "optimizer.lowrank.projected_gradients=true"
 SPLITS = {"split": (), "split-full": ("trainer.checkpoint_format=full",)}
 
 
@@ -50,7 +55,15 @@ SPLITS = {"split": (), "split-full": ("trainer.checkpoint_format=full",)}
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Per selector a 1-process and a 2-rank FSDP2 run, plus the stopped and resumed FSDP2 runs (importance), one
     with sharded and one with full checkpoints. The 1-process references project on the right, as fsdp2 does."""
-    return run_matrix(tmp_path_factory, "fsdp2-recipe", FSDP2, SELECTORS, reference=RIGHT, splits=SPLITS)
+    return run_matrix(
+        tmp_path_factory,
+        "fsdp2-recipe",
+        FSDP2,
+        SELECTORS,
+        reference=RIGHT,
+        splits={**SPLITS, "projected-split": (PROJECTED,)},
+        variants={"projected": (PROJECTED,)},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +163,24 @@ def test_full_fsdp2_checkpoint_resumes_in_one_process(runs: Path, ported: Path) 
     )
     for key in ("bases", "weights"):
         assert _max_diff(state[key], single[key]) <= TOL, (key, _max_diff(state[key], single[key]))
+
+
+def test_projected_gradients_on_fsdp2_ranks_match_the_ordinary_run_and_resume_exactly(runs: Path) -> None:
+    ordinary_losses, ordinary = _record(runs / "importance-2", 0)
+    (losses0, rank0), (losses1, rank1) = (_record(runs / "projected", r) for r in range(2))
+    assert losses0 == losses1 and sorted(losses0) == list(range(1, STEPS + 1)) and rank0["global_step"] == STEPS
+    for key in ("bases", "weights"):
+        assert _max_diff(rank0[key], rank1[key]) == 0, key
+        assert _max_diff(rank0[key], ordinary[key]) <= TOL, (key, _max_diff(rank0[key], ordinary[key]))
+    steps = range(1, STEPS + 1)
+    torch.testing.assert_close(
+        torch.tensor([losses0[s] for s in steps]),
+        torch.tensor([ordinary_losses[s] for s in steps]),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    split = runs / "projected-split"
+    first, second = _record(split, 0, "first"), _record(split, 0, "second")
+    assert {**first[0], **second[0]} == losses0  # exactly: same batches, draws and optimizer state
+    for key in ("bases", "weights"):
+        assert _max_diff(second[1][key], rank0[key]) == 0, key

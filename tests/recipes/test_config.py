@@ -117,10 +117,6 @@ def test_bare_name_with_suffix_and_overrides():
             ["optimizer.lowrank.projected_gradients", "fira", "accepted with fira: false"],
         ),
         (
-            ["optimizer.lowrank.projected_gradients=true", "trainer.strategy=fsdp2"],
-            ["optimizer.lowrank.projected_gradients", "fsdp2", "false"],
-        ),
-        (
             ["optimizer.lowrank.projected_gradients=true", "optimizer.name=adamw"],
             ["optimizer.lowrank.projected_gradients", "optimizer.name=lowrank", "adamw: false"],
         ),
