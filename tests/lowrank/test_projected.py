@@ -142,10 +142,25 @@ def test_no_full_size_weight_gradient_between_refreshes(checkpointing: bool) -> 
     assert not hasattr(model.up, "weight_projected")
 
 
-def _trained_state(model: nn.Module, settings: dict, projected: bool, batches: list[torch.Tensor]) -> dict:
+def _trained_state(
+    model: nn.Module, settings: dict, projected: bool, batches: list[torch.Tensor], seen: list[dict] | None = None
+) -> dict:
+    """The optimizer state after STEPS steps; ``seen`` gets, per step, R (the stand-in's gradient at its update) of
+    every low-rank weight by name."""
     optimizer = build_optimizer(model, settings)
     handle = enable_projected_gradients(model, optimizer) if projected else None
+    names = {id(p): n for n, p in model.named_parameters()}
+    original = optimizer._apply_update
+
+    def recording(group, param, stand_in, basis, side) -> None:
+        seen[-1][names[id(param)]] = stand_in.grad.detach().clone()
+        original(group, param, stand_in, basis, side)
+
+    if seen is not None:
+        optimizer._apply_update = recording
     for step in range(STEPS):
+        if seen is not None:
+            seen.append({})
         _lm_loss(model, batches[step]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -168,8 +183,15 @@ def test_projected_training_keeps_the_same_8bit_codes(side: str) -> None:
     batches = [torch.randint(0, WIDER.vocab_size, (8, 17)) for _ in range(STEPS)]
     settings = _settings(side, "importance", "keep", precision="8bit")
     settings["lowrank"]["rank"] = 32
-    ordinary = _trained_state(copy.deepcopy(model), settings, False, batches)
-    projected = _trained_state(copy.deepcopy(model), settings, True, batches)
+    ordinary_r: list[dict] = []
+    projected_r: list[dict] = []
+    ordinary = _trained_state(copy.deepcopy(model), settings, False, batches, ordinary_r)
+    projected = _trained_state(copy.deepcopy(model), settings, True, batches, projected_r)
+    assert len(ordinary_r) == len(projected_r) == STEPS
+    for step, (expected, actual) in enumerate(zip(ordinary_r, projected_r)):  # R at every step, every weight
+        assert actual.keys() == expected.keys() and len(expected) == 14, step
+        for name, value in expected.items():
+            torch.testing.assert_close(actual[name], value, rtol=0, atol=1e-12, msg=f"step {step} {name}")
     flips = 0
     for index, entry in ordinary.items():
         for key, value in entry.items():
