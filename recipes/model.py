@@ -40,6 +40,9 @@ class LlamaConfig:
             activations (saves memory, costs about one extra forward).
         init_std: standard deviation of the normal init of every linear and embedding weight (0.02,
             as in the Hugging Face LLaMA the reference runs used).
+        compile: compile each decoder block in place with ``nn.Module.compile()`` (torch.compile; the
+            state-dict keys stay those of an uncompiled model, so checkpoints move freely between the two). The
+            recipe's LightningModule does it in ``configure_model``; a bare ``Llama`` ignores it.
     """
 
     vocab_size: int
@@ -52,6 +55,7 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     activation_checkpointing: bool = False
     init_std: float = 0.02
+    compile: bool = False
 
     def __post_init__(self) -> None:
         problems = []

@@ -54,16 +54,20 @@ class LlamaPretrainModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         """FSDP2 (``trainer.strategy=fsdp2``, Lightning's ModelParallelStrategy): ``fully_shard`` each decoder layer,
-        then the root, over the data-parallel mesh; the weights become row-sharded DTensors. A no-op otherwise."""
+        then the root, over the data-parallel mesh; the weights become row-sharded DTensors. Then, with
+        ``model.compile``, each decoder block is compiled in place (``nn.Module.compile()``: its parameters, names and
+        state-dict keys unchanged; compilation happens at the first forward pass)."""
         mesh = self.device_mesh
-        if mesh is None:
-            return
-        from torch.distributed.fsdp import fully_shard
+        if mesh is not None:
+            from torch.distributed.fsdp import fully_shard
 
-        dp_mesh = mesh["data_parallel"]
-        for layer in self.model.layers:
-            fully_shard(layer, mesh=dp_mesh)
-        fully_shard(self.model, mesh=dp_mesh)
+            dp_mesh = mesh["data_parallel"]
+            for layer in self.model.layers:
+                fully_shard(layer, mesh=dp_mesh)
+            fully_shard(self.model, mesh=dp_mesh)
+        if self.model_config.compile:
+            for layer in self.model.layers:
+                layer.compile()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, V)
         return self.model(input_ids)

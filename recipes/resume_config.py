@@ -47,6 +47,7 @@ RESUME_RULES: dict[str, Rule] = {
     # the model: only how it is computed may change
     "model": _MODEL,
     "model.activation_checkpointing": Rule("apply", "recomputes activations in backward; same numbers"),
+    "model.compile": Rule("apply", "compiles the decoder blocks (or not); the same state-dict keys and draws"),
     "optimizer.lowrank.projected_gradients": Rule(
         "apply", "backward forms the projected gradients from here on (or no longer); same numbers, same checkpoints"
     ),

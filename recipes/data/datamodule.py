@@ -32,12 +32,15 @@ drops loader states on resume when `estimated_stepping_batches` has to load the 
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
-import datasets
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+if TYPE_CHECKING:  # annotations only: `datasets` loads when a stream opens (the embedded source needs none)
+    import datasets
 
 from lowrank_recipes.recipes.data import sources
 from lowrank_recipes.recipes.data.config import C4_DEFAULT_VAL_TOKENS, DataConfig, data_seed

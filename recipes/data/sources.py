@@ -27,11 +27,7 @@ import os
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import datasets
-import pyarrow as pa
-from datasets.distributed import split_dataset_by_node
+from typing import TYPE_CHECKING, Any
 
 from lowrank_recipes.recipes.data.config import C4_CONFIG, C4_DATASET  # noqa: F401 (read as sources.C4_DATASET too)
 from lowrank_recipes.recipes.data.file_check import SCAN_COMMAND, DataContentError, scan
@@ -42,8 +38,21 @@ TEXT_FIELD = "text"
 # (UnicodeDecodeError), a gzip file cut short (EOFError) or corrupt (zlib.error; BadGzipFile, an OSError), a missing
 # text column (ValueError). OSError counts for local files only (it also covers one that went away during the run): from
 # the Hub it is the network's, and stays as it is.
-CONTENT_ERRORS: tuple[type[BaseException], ...] = (ValueError, EOFError, zlib.error, pa.ArrowException)
-READ_ERRORS: tuple[type[BaseException], ...] = (*CONTENT_ERRORS, OSError)
+if TYPE_CHECKING:  # `datasets` (and pyarrow) load only when a stream opens: the embedded path runs without them
+    import datasets
+
+
+def content_errors() -> tuple[type[BaseException], ...]:
+    """What a reader raises on a bad record (pyarrow's errors included: imported here, with `datasets`)."""
+    import pyarrow as pa
+
+    return (ValueError, EOFError, zlib.error, pa.ArrowException)
+
+
+def read_errors() -> tuple[type[BaseException], ...]:
+    return (*content_errors(), OSError)
+
+
 # A reader error in local files this large in all (bytes on disk) is located by reading them whole again
 # (`Origin.locate`); larger sets get the scan command to run instead.
 LOCATE_BYTES = 1 << 30
@@ -114,8 +123,10 @@ def open_stream(spec: StreamSpec, split: str) -> datasets.IterableDataset:
         kwargs["sample_by"] = "document"
     # Local files: what fails here is the files' content (datasets reads the first records to find the columns). A
     # Hub dataset's errors (network, names) are left as they are, but for a missing text column.
-    errors = READ_ERRORS if spec.data_files is not None else (ValueError,)
+    errors = read_errors() if spec.data_files is not None else (ValueError,)
     try:
+        import datasets
+
         ds = datasets.load_dataset(
             spec.path, spec.name, split=split, data_files=spec.data_files, streaming=True, **kwargs
         )
@@ -132,6 +143,8 @@ def shard_for_rank(ds: datasets.IterableDataset, rank: int, world_size: int) -> 
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     if world_size == 1:
         return ds
+    from datasets.distributed import split_dataset_by_node
+
     return split_dataset_by_node(ds, rank=rank, world_size=world_size)
 
 
@@ -207,12 +220,13 @@ def iter_texts(ds: Iterable[dict[str, Any]], where: Origin = Origin("the data"))
         DataContentError: the reader failed on a record, or a record's text is missing (null) or not a string.
     """
     examples = iter(ds)
+    caught = read_errors() if where.files else content_errors()
     while True:
         try:
             example = next(examples)
         except StopIteration:
             return
-        except READ_ERRORS if where.files else CONTENT_ERRORS as err:
+        except caught as err:
             raise content_error(where, _cause(err)) from err
         text = example[TEXT_FIELD]
         if not isinstance(text, str):

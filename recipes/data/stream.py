@@ -38,14 +38,16 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from lowrank_recipes.recipes.data.packing import ENCODE_BATCH, StreamPacker, split_inputs_labels
 from lowrank_recipes.recipes.data.sources import Origin, iter_texts, shard_for_rank
+
+if TYPE_CHECKING:  # annotations only: `datasets` loads when a stream opens (recipes.data.sources)
+    import datasets
 from lowrank_recipes.recipes.data.tokenizer import TextTokenizer
 
 # Sequences per rank reported by `len()`: 2^40, far beyond any run, so a Lightning epoch never ends.
