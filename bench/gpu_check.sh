@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: about 5 minutes on one H100/H200-class GPU, no network. Each section writes its
-# results into OUT as soon as it finishes (and its log as it goes), so a run cut off still returns what it measured;
-# OUT/summary.txt lists every section with its exit status and seconds.
+# The one prepared GPU check: at most about 5 minutes on one H100/H200-class GPU (section limits 15 + 170 + 60 + 60
+# s), no network. Each section writes its results into OUT as soon as it finishes (the throughput section after every
+# child run, its log as it goes), so a run cut off still returns what it measured; OUT/summary.txt lists every
+# section with its exit status and seconds (124: its time limit cut it).
 #
 #   1. env:        the device, torch and the installed packages
 #   2. throughput: bench/throughput.py at 60M and 350M, bf16-true, micro-batch 8 x sequence 256 (AdamW, randomized
@@ -34,7 +35,7 @@ if [ -d .gpu_wheels ] && [ -z "$DRY" ]; then  # what the lent machine lacks; nev
     echo "install exit $? seconds $SECONDS" >> "$OUT/summary.txt"
 fi
 
-section env 60 bash -c 'nvidia-smi || true; python -c "import torch; print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"cpu\")"; python -m pip list 2>/dev/null | grep -i -E "torch|lightning|omegaconf|tokenizers|datasets"'
+section env 15 bash -c 'nvidia-smi || true; python -c "import torch; print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"cpu\")"; python -m pip list 2>/dev/null | grep -i -E "torch|lightning|omegaconf|tokenizers|datasets"'
 
 if [ -n "$DRY" ]; then
     DEVICE=(--device cpu)
@@ -45,7 +46,7 @@ if [ -n "$DRY" ]; then
         --out "$OUT/memory.json"
 else
     DEVICE=(--device cuda)
-    section throughput 150 python bench/throughput.py "${DEVICE[@]}" --sizes 60m 350m --tokens 8x256 \
+    section throughput 170 python bench/throughput.py "${DEVICE[@]}" --sizes 60m 350m --tokens 8x256 \
         --precision bf16-true --repeats 1 --steps 8 --warmup 2 --variants adamw adamw+compile \
         randomized-importance-stagger4 randomized-importance-stagger4+compile randomized-importance-stagger4-8bit \
         randomized-importance-stagger4-projected --out "$OUT/throughput.json"

@@ -276,7 +276,27 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(int(os.environ.get("THROUGHPUT_THREADS", torch.get_num_threads())))
         print("RESULT " + json.dumps(child(*args.child, args)), flush=True)
         return
-    runs = []
+    meta = run_metadata(pick_device(args.device), {k: str(v) for k, v in vars(args).items()})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
+
+    def write(final: bool) -> list[dict[str, Any]]:
+        """The results so far (after every child: a run cut off still leaves what it measured)."""
+        done = [
+            (size, variant)
+            for size in args.sizes
+            for variant in args.variants
+            if any(r["size"] == size and r["variant"] == variant for r in runs)
+        ]
+        rows = summarize(runs, list(dict.fromkeys(s for s, _ in done)), list(dict.fromkeys(v for _, v in done)))
+        rows = [row for row in rows if (row["size"], row["variant"]) in done]
+        text = report(rows, args)
+        args.out.write_text(json.dumps({"meta": meta, "complete": final, "rows": rows, "runs": runs}, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(text + "\n")
+        if final:
+            print(text)
+        return rows
+
     for repeat in range(args.repeats):
         for size in args.sizes:
             for variant in args.variants:
@@ -284,13 +304,8 @@ def main(argv: list[str] | None = None) -> None:
                 runs.append(result)
                 state = "error" if "error" in result else f"{result['tokens_per_s']:.0f} tokens/s"
                 print(f"[{repeat}] {size} {variant}: {state} ({result['child_seconds']} s)", flush=True)
-    rows = summarize(runs, args.sizes, args.variants)
-    text = report(rows, args)
-    print(text)
-    meta = run_metadata(pick_device(args.device), {k: str(v) for k, v in vars(args).items()})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(text + "\n")
+                write(final=False)
+    rows = write(final=True)
     if any("error" in r for r in rows):
         sys.exit(1)
 

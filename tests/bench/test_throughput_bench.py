@@ -15,7 +15,8 @@ def test_throughput_quick_writes_every_variant_with_its_ratio_to_adamw(tmp_path)
     done = run_quick("throughput.py", "--variants", *VARIANTS, "--out", str(out), cwd=tmp_path, timeout=600)
     result = json.loads(out.read_text())
     rows = {row["variant"]: row for row in result["rows"]}
-    assert set(rows) == set(VARIANTS) and all("error" not in row for row in rows.values())
+    assert result["complete"] is True and set(rows) == set(VARIANTS)
+    assert all("error" not in row for row in rows.values())
     assert rows["adamw"]["ratio_to_adamw"] == 1.0
     for row in rows.values():
         low, high = row["tokens_per_s_quartiles"]
