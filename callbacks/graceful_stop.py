@@ -9,11 +9,12 @@ status 0. This callback builds on that handling rather than competing with it:
   Lightning's handler does) and runs any other handler Lightning had composed with its own (SLURM's, a user's). It
   does not run Lightning's notifier: that one broadcasts a tensor from inside the signal handler, at whatever point the
   main thread of each rank happens to be, so on two ranks the broadcast can pair with a different collective (a DDP
-  gradient all-reduce) and both ranks hang. A SIGTERM that reached Lightning's connector before training started
-  sets its ``received_sigterm`` flag, on which Lightning's loops would end the run after the current micro-batch with
-  nothing saved; the callback takes that flag over as its own request and defers it (a subclass of the connector's
-  class, swapped in at ``on_train_start`` and back when training ends, whose getter reads False), so the remaining
-  micro-batches of the optimizer step still run and no rank leaves early.
+  gradient all-reduce) and both ranks hang. A SIGTERM that reached Lightning's connector before training started set
+  its ``received_sigterm`` flag, on which Lightning's loops would end the run after the first micro-batch with nothing
+  saved; ``on_train_start`` takes it over as the callback's own request and clears the flag.
+* SIGINT: while training runs, the callback's handler (installed in ``on_train_start``, after Lightning registered
+  its own handlers, removed when training ends) records the first Ctrl+C and prints what happens next; a second one
+  raises ``KeyboardInterrupt`` at once, which Lightning handles (no checkpoint is saved) and which ends as exit 130.
 * At an optimizer-step boundary (the ``on_train_batch_end`` after the step) the ranks agree with one all-reduce (max
   of the requests; several ranks only), every rank saves the step's checkpoint through the ``ModelCheckpoint``
   (``save_now`` of ``AtomicModelCheckpoint``, so ``last.ckpt`` points at it) and raises :class:`RunStopped` with exit
@@ -23,8 +24,9 @@ Finishing the current optimizer step can take long with a large gradient accumul
 micro-batch); a scheduler's grace period between SIGTERM and SIGKILL (SLURM's ``KillWait``, Kubernetes'
 ``terminationGracePeriodSeconds``) must cover one optimizer step plus one checkpoint save.
 
-A SIGTERM before training starts (while the checkpoint is restored, say) is Lightning's to handle: the run ends after
-its first micro-batch, with status 143 and nothing new saved.
+A SIGTERM before Lightning registers its handlers (while the checkpoint is restored, say) ends the process at once
+(the default action: status 143, nothing new saved); one between that and the start of training is taken over as
+said above: the run stops after its first optimizer step, saving it.
 """
 
 from __future__ import annotations
@@ -71,7 +73,6 @@ class GracefulStop(Callback):
         self._previous_sigterm: Any = None
         self._launcher: Any = None  # the trainer's launcher: forwards SIGTERM to the ranks it started
         self._installed = False
-        self._connector: tuple[Any, type] | None = None  # (Lightning's signal connector, its own class) while deferring
 
     # ------------------------------------------------------------------------------------------------ SIGINT
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
@@ -120,45 +121,25 @@ class GracefulStop(Callback):
 
     # --------------------------------------------------------------------------------------------- the hooks
     # ------------------------------------------------------------------------------------------------ SIGTERM
-    def _defer_sigterm(self, trainer: pl.Trainer) -> None:
-        """Swaps the signal connector's class for one whose ``received_sigterm`` records into this callback."""
+    def _take_early_sigterm(self, trainer: pl.Trainer) -> None:
+        """A SIGTERM that reached Lightning's connector before training started set its ``received_sigterm`` flag, on
+        which Lightning's loops would end the run after the first micro-batch with nothing saved: the request becomes
+        this callback's and the flag is cleared. During training only this callback's handler runs, which leaves the
+        flag alone."""
         connector = trainer._signal_connector
-        if self._connector is not None:
-            return
-        callback, base = self, type(connector)
-
-        class _Deferred(base):  # type: ignore[misc, valid-type]
-            @property
-            def received_sigterm(self) -> bool:
-                return False  # Lightning's loops keep going; GracefulStop stops at the step boundary
-
-            @received_sigterm.setter
-            def received_sigterm(self, value: bool) -> None:
-                if value:
-                    callback.requested = signal.SIGTERM
-
-        if connector.__dict__.pop("received_sigterm", False):
+        if connector.received_sigterm:
             self.requested = signal.SIGTERM
-        connector.__class__ = _Deferred
-        self._connector = (connector, base)
-
-    def _restore_sigterm(self) -> None:
-        if self._connector is not None:
-            connector, base = self._connector
-            connector.__class__ = base
-            connector.__dict__["received_sigterm"] = False
-            self._connector = None
+            connector.received_sigterm = False
 
     # --------------------------------------------------------------------------------------------- the hooks
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.requested, self.stopped_by, self._stepped, self._sigint_seen = 0, None, False, False
-        self._defer_sigterm(trainer)
+        self._take_early_sigterm(trainer)
         self._install(trainer)
 
     def _release(self) -> None:
         self._uninstall()
-        self._restore_sigterm()
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -52,3 +52,19 @@ def test_sigterm_during_training_skips_lightnings_broadcasting_notifier_and_keep
         assert restored is not stop._on_sigterm  # nothing of the callback's left installed
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+class _SigtermAtTrainStart(pl.Callback):
+    """Listed before GracefulStop: its SIGTERM reaches Lightning's handler, before GracefulStop installs its own."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_that_reached_lightning_before_training_stops_after_the_first_step(tmp_path):
+    stop = GracefulStop()
+    trainer = make_trainer(tmp_path, max_steps=6, callbacks=[_SigtermAtTrainStart(), stop])
+    with pytest.raises(RunStopped) as raised:
+        trainer.fit(MLPModule(optimizer_config(rank=4)), regression_loader(samples=64, batch_size=8))
+    assert raised.value.exit_code == 143 and trainer.global_step == 1  # one whole step, then the stop
+    assert trainer._signal_connector.received_sigterm is False  # taken over: Lightning's loops never saw it
