@@ -233,7 +233,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         companions = [g for g in self.param_groups[:-1] if g.get("companions")]
-        for other in companions:  # the companions' group stays last (state_dict leaves it out by position)
+        for other in companions:  # the companions' group stays last: the other groups keep their positions
             self.param_groups.remove(other)
             self.param_groups.append(other)
         if group.get("companions"):
