@@ -594,7 +594,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self, group: dict[str, Any], name: str, param: torch.Tensor
     ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor, str] | None:
         """The update entry of a weight with projected gradients: on the steps that formed G (a refresh, a first
-        basis) R = project(G, B) on the basis just installed, replacing the R on the old basis, and G is freed;
+        basis) R = project(G, B) on the basis just installed (backward left zeros there), and G is freed;
         otherwise the companion's gradient as it is, handed to the stand-in."""
         companion = self._companions[param]
         if param.grad is not None:
@@ -621,8 +621,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _reproject_companions(self) -> None:
         """R = project(G, B) into the companion's gradient of every projected weight that holds G (a refresh or a
-        first basis: backward's R used the old basis or none), then frees G; in place where the companion has a
-        gradient (DDP's bucket view stays)."""
+        first basis: backward left zeros there), then frees G; in place where the companion has a gradient (DDP's
+        bucket view stays)."""
         for param, companion in self._companions.items():
             basis = self.state.get(param, {}).get("lowrank_basis")
             if param.grad is None or basis is None:

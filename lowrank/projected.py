@@ -58,7 +58,7 @@ from lowrank.companions import COMPANION, companions_of
 from lowrank.dtensor import is_dtensor, local
 from lowrank.factory import lowrank_plan
 from lowrank.optimizer import LowRankOptimizer
-from lowrank.projector import project, projected_shape
+from lowrank.projector import projected_shape
 from lowrank.split_refresh import world
 
 __all__ = ["COMPANION", "ProjectedGradients", "add_companions", "enable_projected_gradients", "remove_companions"]
@@ -79,8 +79,8 @@ class _ProjectedLinear(torch.autograd.Function):
         full: bool,
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight, basis)
-        ctx.side, ctx.full, ctx.companion_shape, ctx.weight = side, full, companion.shape, weight
-        ctx.companion = companion  # FSDP2: its gradient is set here, not returned (add_companions)
+        ctx.side, ctx.full, ctx.weight = side, full, weight
+        ctx.companion = companion  # its shape; FSDP2: its gradient is set here, not returned (add_companions)
         device = x.device.type  # backward runs under the forward's autocast state (as torch.amp.custom_bwd does)
         ctx.autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
         return F.linear(x, weight)
@@ -104,10 +104,10 @@ class _ProjectedLinear(torch.autograd.Function):
                 param.grad = grad_w.to(param.dtype)
             else:
                 param.grad.add_(grad_w)
-        if basis is None:  # no basis yet (first step): the optimizer projects G once it has one
-            low = torch.zeros(ctx.companion_shape, dtype=dy.dtype, device=dy.device)
-        elif grad_w is not None:
-            low = project(grad_w, basis, ctx.side)
+        if basis is None or grad_w is not None:
+            # no basis yet, or a refresh step: the optimizer projects G on the new basis right after the refresh,
+            # replacing whatever R holds (zeros here: the companion still gets a gradient, as DDP needs)
+            low = torch.zeros(ctx.companion.shape, dtype=dy.dtype, device=dy.device)
         elif ctx.side == "right":
             low = dy2.T @ (x2 @ basis)  # (m, N) (N, r) -> (m, r)
         else:

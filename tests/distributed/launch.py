@@ -117,6 +117,25 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+def assert_ranks_match(out: Path, reference: Path, tol: float) -> dict[int, float]:
+    """A recorded 2-rank run: the same losses, bases and weights on both ranks (bitwise), every step run, and within
+    ``tol`` (weights, bases) and rtol/atol 1e-6 (losses) of the recorded ``reference`` run; returns its losses."""
+    reference_losses, expected = _record(reference, 0)
+    (losses0, rank0), (losses1, rank1) = (_record(out, r) for r in range(2))
+    assert losses0 == losses1 and sorted(losses0) == list(range(1, STEPS + 1)) and rank0["global_step"] == STEPS
+    for key in ("bases", "weights"):
+        assert _max_diff(rank0[key], rank1[key]) == 0, key
+        assert _max_diff(rank0[key], expected[key]) <= tol, (key, _max_diff(rank0[key], expected[key]))
+    steps = range(1, STEPS + 1)
+    torch.testing.assert_close(
+        torch.tensor([losses0[s] for s in steps]),
+        torch.tensor([reference_losses[s] for s in steps]),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    return losses0
+
+
 def checkpoint_bases(checkpoint: dict) -> dict[str, torch.Tensor]:
     """The ``lowrank_basis`` tensors of a single-file checkpoint's optimizer state, keyed like the module's
     parameters (``model.`` + the optimizer's parameter name), as ``RecordRun`` keys them."""

@@ -37,7 +37,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from .launch import RUN_MARKS, STEPS, STOP_AT, _max_diff, _record, checkpoint_bases, console_script, run_matrix
+from .launch import (
+    RUN_MARKS,
+    STEPS,
+    STOP_AT,
+    _max_diff,
+    _record,
+    assert_ranks_match,
+    checkpoint_bases,
+    console_script,
+    run_matrix,
+)
 from .spawn import free_port
 
 pytestmark = RUN_MARKS
@@ -171,19 +181,7 @@ def test_split_svd_run_matches_the_unsplit_run(runs: Path) -> None:
 
 
 def test_projected_gradients_on_two_ranks_match_the_ordinary_run(runs: Path) -> None:
-    ordinary_losses, ordinary = _record(runs / "dominant-2", 0)
-    (losses0, rank0), (losses1, rank1) = (_record(runs / "projected", r) for r in range(2))
-    assert losses0 == losses1 and sorted(losses0) == list(range(1, STEPS + 1)) and rank0["global_step"] == STEPS
-    for key in ("bases", "weights"):
-        assert _max_diff(rank0[key], rank1[key]) == 0, key
-        assert _max_diff(rank0[key], ordinary[key]) <= 1e-5, (key, _max_diff(rank0[key], ordinary[key]))
-    steps = range(1, STEPS + 1)
-    torch.testing.assert_close(
-        torch.tensor([losses0[s] for s in steps]),
-        torch.tensor([ordinary_losses[s] for s in steps]),
-        rtol=1e-6,
-        atol=1e-6,
-    )
+    assert_ranks_match(runs / "projected", runs / "dominant-2", tol=1e-5)
 
 
 def test_a_stopped_projected_two_rank_run_resumes_like_the_uninterrupted_ordinary_one(runs: Path) -> None:
