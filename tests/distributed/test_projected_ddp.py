@@ -132,6 +132,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             },
             f"{out_dir}/rank{rank}.pt",
         )
+        torch.distributed.barrier()  # no rank tears the group down while the other still talks (gloo aborts then)
     finally:
         torch.distributed.destroy_process_group()
 

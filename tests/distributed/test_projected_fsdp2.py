@@ -120,6 +120,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         train(model, optimizer, range(STOP, STEPS), {})
         result = {"full": uninterrupted, "resumed": weights(model), "seen": seen, "keys": saved_keys}
         torch.save(result, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # no rank tears the group down while the other still talks (gloo aborts then)
     finally:
         dist.destroy_process_group()
 
