@@ -59,9 +59,13 @@ class QualityRecorder(RefreshSubscriber):
         super().__init__()
         self.validations: list[dict[str, float]] = []
         self.refreshes: list[dict[str, Any]] = []
+        self.train_sequences: int | None = None  # of the training set (map-style sources), for the epochs read
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        train_set = getattr(trainer.datamodule, "train_set", None)
+        if train_set is not None and hasattr(train_set, "__len__"):
+            self.train_sequences = len(train_set)
         # A full-rank (AdamW) run has no refreshes to hear, and RefreshSubscriber refuses an optimizer that is not a
         # LowRankOptimizer: listen only to low-rank runs (validations are recorded either way).
         if any(isinstance(optimizer, LowRankOptimizer) for optimizer in trainer.optimizers):
@@ -128,6 +132,7 @@ def train_one(spec: RunSpec, work_dir: str, threads: int, config: str = "default
     record["seconds"] = time.perf_counter() - start
     record["validations"] = recorder.validations
     record["refreshes"] = recorder.refreshes
+    record["train_sequences"] = recorder.train_sequences
     last = recorder.validations[-1] if recorder.validations else None
     record["final_loss"] = None if last is None else last["loss"]
     record["final_ppl"] = None if last is None else last["ppl"]

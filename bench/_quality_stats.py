@@ -45,6 +45,30 @@ _T975 = (
 )
 
 
+# t_{0.80, df} for df = 1..10 (one-sided 80%: the power term of a detectable difference); beyond 10 the normal 0.842.
+_T80 = (1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879)
+
+
+def t80(df: int) -> float:
+    """The 0.80 quantile of Student's t with ``df`` degrees of freedom (df >= 1)."""
+    if df < 1:
+        raise ValueError(f"df: invalid value {df!r}; accepted: an integer >= 1")
+    return _T80[df - 1] if df <= len(_T80) else 0.842
+
+
+def detectable_difference(std: float, n: int) -> dict[str, float]:
+    """What n paired seeds with per-seed differences of standard deviation ``std`` can resolve.
+
+    ``excludes_zero``: t_{0.975, n-1} std / sqrt(n), the smallest mean difference whose 95% interval excludes zero
+    (the interval's half-width); ``power80``: (t_{0.975, n-1} + t_{0.80, n-1}) std / sqrt(n), the true difference a
+    two-sided 5% paired t-test finds with 80% probability (normal approximation with t quantiles, std taken as known).
+    """
+    if n < 2:
+        raise ValueError(f"n: invalid value {n!r}; accepted: an integer >= 2 (a spread needs two seeds)")
+    scale = std / math.sqrt(n)
+    return {"excludes_zero": t975(n - 1) * scale, "power80": (t975(n - 1) + t80(n - 1)) * scale}
+
+
 def t975(df: int) -> float:
     """The 0.975 quantile of Student's t with ``df`` degrees of freedom (df >= 1)."""
     if df < 1:

@@ -87,7 +87,13 @@ class OptimizerConfig:
         state_precision: storage of Adam's moments: fp32 (torch AdamW), bf16, or 8bit (block-wise dynamic
             quantization, lowrank.quantization; tensors under 4096 elements stay fp32). Applies to the low-rank
             moments and the plain group's alike.
-        lowrank: low-rank settings, used when ``name`` is lowrank.
+        target_lr_scale: ``name: adamw`` only: the weights ``lowrank.targets`` names (the attention and MLP
+            matrices by default) step at ``lr * target_lr_scale``, in groups of their own (``targets``,
+            ``targets_no_decay``), the rest at ``lr``. 1.0 (the default) is one learning rate for every parameter;
+            ``lowrank.alpha`` gives AdamW the two-rate treatment the low-rank runs get (their plain group at lr, their
+            matrices moved by lr * alpha), which separates the effect of the subspace from that of the matrices' lr.
+            With ``name: lowrank`` it must stay 1.0 (``lowrank.alpha`` scales those weights' updates).
+        lowrank: low-rank settings, used when ``name`` is lowrank (``lowrank.targets`` also with ``target_lr_scale``).
         refresh: when bases refresh (``lowrank.RefreshSchedule``: update_gap, stagger, switch_at, switch_to,
             max_steps, split_across_ranks), used when ``name`` is lowrank. Reference runs: update_gap 200 (7B: 500).
     """
@@ -101,6 +107,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     no_decay: list[str] = dataclasses.field(default_factory=list)
     state_precision: str = "fp32"
+    target_lr_scale: float = 1.0
     lowrank: LowRankConfig = dataclasses.field(default_factory=LowRankConfig)
     refresh: RefreshSchedule = dataclasses.field(default_factory=RefreshSchedule)
 
@@ -142,6 +149,18 @@ def _problems(cfg: OptimizerConfig, prefix: str) -> list[str]:
             f"{prefix}.state_precision",
             cfg.state_precision,
             join_accepted(STATE_PRECISIONS),
+        ),
+        *check(
+            is_number(cfg.target_lr_scale) and cfg.target_lr_scale > 0,
+            f"{prefix}.target_lr_scale",
+            cfg.target_lr_scale,
+            "a finite number > 0",
+        ),
+        *check(
+            cfg.name != "lowrank" or cfg.target_lr_scale == 1.0,
+            f"{prefix}.target_lr_scale",
+            cfg.target_lr_scale,
+            f"1.0 with {prefix}.name lowrank ({lp}.alpha scales the low-rank weights' updates; the scale is for adamw)",
         ),
         *check(low.base in BASES, f"{lp}.base", low.base, join_accepted(sorted(BASES))),
         *check(len(low.targets) > 0, f"{lp}.targets", low.targets, "a non-empty list of regular expressions"),

@@ -13,7 +13,9 @@ LearningRateMonitor: ``train/lr/lowrank``, ``train/lr/plain``, ``train/lr/plain_
 * ``plain``: the other parameters with two or more dimensions (embeddings, head), with ``weight_decay``;
 * ``plain_no_decay``: norms, biases and what a ``no_decay`` pattern names, weight decay 0.
 
-``name: adamw`` has the last two. A state dict saved with the former layout (``lowrank``, ``plain``: norms decayed
+``name: adamw`` has the last two, and with ``target_lr_scale`` != 1 two more before them: ``targets`` and
+``targets_no_decay``, the weights ``lowrank.targets`` names, at ``lr * target_lr_scale`` (the low-rank runs' two-rate
+treatment without the subspace). A state dict saved with the former layout (``lowrank``, ``plain``: norms decayed
 with the rest) still loads, matched by parameter name (:mod:`lowrank.regroup`).
 """
 
@@ -40,7 +42,9 @@ from lowrank.table import GroupTable, TableRow
 
 __all__ = ["GROUP_NAMES", "GroupTable", "TableRow", "build_optimizer", "lowrank_plan"]
 
-GROUP_NAMES: tuple[str, ...] = ("lowrank", "lowrank" + NO_DECAY_SUFFIX, "plain", "plain" + NO_DECAY_SUFFIX)
+GROUP_NAMES: tuple[str, ...] = tuple(
+    kind + suffix for kind in ("lowrank", "targets", "plain") for suffix in ("", NO_DECAY_SUFFIX)
+)
 
 
 def _base_options(cfg: OptimizerConfig, base: str) -> dict[str, Any]:
@@ -87,12 +91,17 @@ def _decay(named: list[tuple[str, nn.Parameter]], cfg: OptimizerConfig) -> dict[
 
 
 def _groups(
-    named: list[tuple[str, nn.Parameter]], lowrank: set[str], decay: dict[str, bool], cfg: OptimizerConfig
+    named: list[tuple[str, nn.Parameter]],
+    lowrank: set[str],
+    decay: dict[str, bool],
+    cfg: OptimizerConfig,
+    targets: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
-    """The optimizer's groups (module docstring), in ``GROUP_NAMES`` order, empty ones left out."""
+    """The optimizer's groups (module docstring), in ``GROUP_NAMES`` order, empty ones left out; ``targets``: the
+    full-rank weights at ``lr * target_lr_scale``."""
     members: dict[str, list[tuple[str, nn.Parameter]]] = {name: [] for name in GROUP_NAMES}
     for name, param in named:
-        kind = "lowrank" if name in lowrank else "plain"
+        kind = "lowrank" if name in lowrank else "targets" if name in targets else "plain"
         members[kind if decay[name] else kind + NO_DECAY_SUFFIX].append((name, param))
     groups = []
     for group_name, params in members.items():
@@ -106,6 +115,8 @@ def _groups(
         }
         if group_name.startswith("lowrank"):
             group["rank"] = cfg.lowrank.rank
+        if group_name.startswith("targets"):
+            group["lr"] = cfg.lr * cfg.target_lr_scale
         groups.append(group)
     return groups
 
@@ -174,7 +185,10 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | Mapping[str, Any
         )
     if cfg.name == "adamw":
         # fp32: torch's own AdamW, the reference baseline; bf16 / 8bit: the same update with compact moments.
-        groups = _groups(named, set(), decay, cfg)
+        # target_lr_scale: the weights lowrank.targets names step at lr * scale (every pattern must match, as for
+        # low-rank runs: a typo would silently give one learning rate)
+        targets = frozenset(_assign(named, cfg.lowrank.targets)) if cfg.target_lr_scale != 1.0 else frozenset()
+        groups = _groups(named, set(), decay, cfg, targets)
         hyper = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
         if cfg.state_precision == "fp32":
             optimizer = torch.optim.AdamW(groups, **hyper)

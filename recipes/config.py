@@ -24,7 +24,7 @@ from lowrank.factory import build_optimizer
 from lowrank.overlap import OverlapMonitorOptions
 from lowrank.structured import from_mapping
 from lowrank_recipes.recipes.checkpoints import checkpoint_problem
-from lowrank_recipes.recipes.data.config import EMBEDDED, DataConfig
+from lowrank_recipes.recipes.data.config import BUILTIN_SOURCES, EMBEDDED, DataConfig
 from lowrank_recipes.recipes.data.file_check import FileReport, preflight
 from lowrank_recipes.recipes.data.formats import file_kind, kinds_problem
 from lowrank_recipes.recipes.model import Llama, LlamaConfig
@@ -359,9 +359,9 @@ def validate_run(run: RunConfig) -> None:
             problems.append(
                 f"schedule.{key}: invalid value {getattr(run.schedule, key)!r}; accepted: a number in [0, 1]"
             )
-    if d.source == "embedded" and (d.train_files or d.val_files):
+    if d.source in BUILTIN_SOURCES and (d.train_files or d.val_files):
         problems.append(
-            "data.train_files / data.val_files: set, but data.source is 'embedded' (the corpus that ships with "
+            f"data.train_files / data.val_files: set, but data.source is {d.source!r} (a corpus that ships with "
             "Python), which would ignore them; accepted: data.source=files (local JSONL/text) or data.source=c4 "
             "(local C4 shards), or drop the files"
         )
@@ -570,7 +570,7 @@ def _data_file_problems(run: RunConfig) -> list[str]:
             problems.append(
                 f"data.{key}: {folders} are folders; accepted: a list of files (data.{key}=[dir/a.jsonl,dir/b.jsonl])"
             )
-    if d.source == EMBEDDED:
+    if d.source in BUILTIN_SOURCES:
         return problems  # the files are refused as ignored (validate_run); their content does not matter
     kinds = {key: kinds_problem(getattr(d, key) or []) for key in ("train_files", "val_files")}
     problems += [f"data.{key}: {problem}" for key, problem in kinds.items() if problem is not None]

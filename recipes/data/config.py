@@ -8,7 +8,9 @@ EMBEDDED = "embedded"  # the stdlib corpus as source, and the BPE trained on it 
 C4_DATASET = "allenai/c4"
 C4_CONFIG = "en"
 
-SOURCES: tuple[str, ...] = ("embedded", "files", "c4")
+SOURCES: tuple[str, ...] = ("embedded", "stdlib_code", "files", "c4")
+# The corpora that ship with Python (read offline, validation held out every `holdout_every`-th document).
+BUILTIN_SOURCES: tuple[str, ...] = ("embedded", "stdlib_code")
 # Validation cap of the C4 stream when `val_sequences` is None: about 10M tokens, as in the paper runs.
 C4_DEFAULT_VAL_TOKENS = 10_000_000
 
@@ -18,13 +20,17 @@ class DataConfig:
     """Data pipeline settings.
 
     Attributes:
-        source: "embedded" (stdlib corpus), "files" (local JSONL/text, held in memory) or "c4" (streamed).
+        source: "embedded" (the stdlib's docstrings and help topics, about 2M characters), "stdlib_code" (the stdlib's
+            own source files without its test suites, about 12M characters: `recipes.data.code_corpus`), "files"
+            (local JSONL/text, held in memory) or "c4" (streamed).
         train_files: local training files; required for "files"; for "c4" they replace the Hub download.
         val_files: local validation files ("files": optional, else `holdout_every`; "c4" with
             `train_files`: required).
-        holdout_every: k: every k-th document is validation ("embedded", and "files" without `val_files`).
-        tokenizer: "embedded" (a byte-level BPE of `vocab_size`, trained and cached: on the embedded
-            corpus, or on the training files for source "files"), a tokenizer.json path, or a Hub
+        holdout_every: k: every k-th document is validation ("embedded", "stdlib_code", and "files" without
+            `val_files`).
+        tokenizer: "embedded" (a byte-level BPE of `vocab_size`, trained and cached: on the source's own corpus for
+            "embedded" and "stdlib_code", on the training files for "files", on the docstring corpus for "c4"), a
+            tokenizer.json path, or a Hub
             name such as "t5-base" (the paper runs' tokenizer; needs network access).
         vocab_size: BPE size when `tokenizer` is "embedded" (4096 suits the ~2M-character corpus).
         eos_token: end-of-document token; None picks the first known one (`tokenizer.EOS_CANDIDATES`).
@@ -34,8 +40,8 @@ class DataConfig:
         seed: fixes the training order (map-style) or the shuffle (C4 with `shuffle_buffer` > 0); None (the
             default) follows the run's top-level `seed` (a data set used on its own, outside a run: 0).
         val_sequences: cap on validation sequences, over all ranks; None = all held-out data
-            ("embedded"/"files") or about `C4_DEFAULT_VAL_TOKENS` tokens ("c4").
-        max_documents: use only the first N documents of the embedded corpus (quick runs, tests).
+            ("embedded", "stdlib_code", "files") or about `C4_DEFAULT_VAL_TOKENS` tokens ("c4").
+        max_documents: use only the first N documents of a built-in corpus (quick runs, tests).
         shuffle_buffer: "c4" only: `datasets` shuffle buffer (examples); 0 keeps stream order and
             exact resume.
         cache_dir: tokenizer cache root; None = `$LOWRANK_RECIPES_CACHE` or ~/.cache/lowrank-recipes.

@@ -5,8 +5,10 @@ per rank and T = `seq_len`; `labels` are the inputs shifted by one token.
 
 Sources (`DataConfig.source`):
 
-* `"embedded"` (default): the stdlib corpus (`recipes.data.corpus`), tokenized once into a flat
+* `"embedded"` (default): the stdlib docstring corpus (`recipes.data.corpus`), tokenized once into a flat
   tensor; every `holdout_every`-th document is validation.
+* `"stdlib_code"`: the stdlib's source files (`recipes.data.code_corpus`), the same way; the embedded BPE is
+  trained on this corpus (its own tokenizer, cached under its own hash).
 * `"files"`: local JSONL (`text` field) or text files, read through the same `datasets` streaming
   code as C4, then tokenized into a flat tensor like the embedded corpus; validation from
   `val_files`, or every `holdout_every`-th document when none are given.
@@ -43,7 +45,8 @@ if TYPE_CHECKING:  # annotations only: `datasets` loads when a stream opens (the
     import datasets
 
 from lowrank_recipes.recipes.data import sources
-from lowrank_recipes.recipes.data.config import C4_DEFAULT_VAL_TOKENS, DataConfig, data_seed
+from lowrank_recipes.recipes.data.code_corpus import load_code_corpus
+from lowrank_recipes.recipes.data.config import BUILTIN_SOURCES, C4_DEFAULT_VAL_TOKENS, DataConfig, data_seed
 from lowrank_recipes.recipes.data.corpus import corpus_hash, load_corpus
 from lowrank_recipes.recipes.data.loader import RankStatefulDataLoader
 from lowrank_recipes.recipes.data.packing import PackedSequences, iter_packed, pack_tokens, split_inputs_labels
@@ -99,12 +102,15 @@ class PretrainDataModule(pl.LightningDataModule):
         )
 
     def _embedded_documents(self) -> list[str]:
-        documents = load_corpus(limit=self.config.max_documents)
+        """The built-in corpus of the source: the stdlib's source files for "stdlib_code", else (the embedded source,
+        and the corpus the embedded tokenizer of "c4" trains on) the docstring corpus."""
+        code = self.config.source == "stdlib_code"
+        documents = (load_code_corpus if code else load_corpus)(limit=self.config.max_documents)
         if self.corpus_hash is None:
             self.corpus_hash = corpus_hash(documents)
             rank_zero_info(
-                f"embedded corpus: {len(documents)} documents, {sum(map(len, documents)):,} characters, "
-                f"sha256 {self.corpus_hash}"
+                f"{'stdlib source' if code else 'embedded'} corpus: {len(documents)} documents, "
+                f"{sum(map(len, documents)):,} characters, sha256 {self.corpus_hash}"
             )
         return documents
 
@@ -141,7 +147,7 @@ class PretrainDataModule(pl.LightningDataModule):
         if c.source == "c4":
             self._setup_stream()
             return
-        if c.source == "embedded":
+        if c.source in BUILTIN_SOURCES:
             docs = self._embedded_documents()
             train_docs, val_docs = sources.holdout_split(docs, c.holdout_every)
             self.tokenizer = self._load_tokenizer(docs)

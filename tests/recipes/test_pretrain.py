@@ -207,3 +207,14 @@ def test_resume_never_refuses_an_out_dir_with_checkpoints(tmp_path, capsys):
     assert "resume: never, but out_dir" in capsys.readouterr().err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     assert not (out / "config.1.yaml").exists()
+
+
+def test_adamw_with_the_two_rate_split_logs_both_rates(tmp_path):
+    # optimizer.target_lr_scale: the attention and MLP matrices at lr x 0.25 through warm-up and cosine decay
+    out = tmp_path / "run"
+    overrides = ["optimizer.name=adamw", "optimizer.target_lr_scale=0.25", "trainer.max_steps=6"]
+    assert main([*TINY, *overrides, f"out_dir={out}"]) == 0
+    scalars = _scalars(out)
+    plain, targets = scalars["train/lr/plain"], scalars["train/lr/targets"]
+    assert len(plain) == len(targets) == 6 and max(plain) == pytest.approx(0.01)
+    assert targets == pytest.approx([0.25 * lr for lr in plain])
