@@ -11,6 +11,8 @@ time, watch and log it.
 * :class:`PerLayerUpdates`: steps each weight inside backward (lowrank.per_layer), freeing its gradient at once.
 * :class:`ProjectGradients`: backward forms the low-rank weights' gradients in projected form (lowrank.projected),
   the full gradient only on refresh steps; one device, DDP or FSDP2.
+* :class:`POETMerges`: merges a POET model's rotations into its fixed weights on schedule (W0 <- R W0 P, lowrank.poet)
+  and logs the orthogonality error, the generators' norm and the spectrum drift.
 * :class:`FiniteLossGuard`: stops the run at the first non-finite loss, before the optimizer step (ranks agree).
 * :class:`GracefulStop`: on SIGTERM or SIGINT, saves the step's checkpoint at the next optimizer-step boundary and
   stops with :class:`RunStopped` (exit status 143 / 130); a second Ctrl+C stops at once.
@@ -35,6 +37,7 @@ from lowrank_recipes.callbacks.finite_loss import FiniteLossGuard, NonFiniteErro
 from lowrank_recipes.callbacks.graceful_stop import GracefulStop, RunStopped
 from lowrank_recipes.callbacks.overlap_monitor import SubspaceOverlapMonitor
 from lowrank_recipes.callbacks.per_layer import PerLayerUpdates
+from lowrank_recipes.callbacks.poet import POETMerges
 from lowrank_recipes.callbacks.projected import ProjectGradients
 from lowrank_recipes.callbacks.resampler import SubspaceResampler
 from lowrank_recipes.callbacks.state_precision import OptimizerStatePrecision
@@ -47,6 +50,7 @@ __all__ = [
     "GracefulStop",
     "NonFiniteError",
     "OptimizerStatePrecision",
+    "POETMerges",
     "PerLayerUpdates",
     "ProjectGradients",
     "RefreshSubscriber",

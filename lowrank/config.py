@@ -15,11 +15,12 @@ from lowrank.bases import BASES
 from lowrank.checks import check, is_number, join_accepted, raise_problems
 from lowrank.decay import no_decay_problems
 from lowrank.options import LowRankOptions, lowrank_problems
+from lowrank.poet import PoetConfig
 from lowrank.schedule import RefreshSchedule
 from lowrank.structured import from_mapping
 from lowrank.vocabulary import CONFIG_KEYS, METHOD_NAMES, hint
 
-OPTIMIZER_NAMES: tuple[str, ...] = ("adamw", "lowrank")
+OPTIMIZER_NAMES: tuple[str, ...] = ("adamw", "lowrank", "poet")
 STATE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "8bit")
 PRECISION_BASES: dict[str, str] = {"bf16": "adamw_bf16", "8bit": "adamw8bit"}  # AdamW with compact moments
 
@@ -73,7 +74,8 @@ class OptimizerConfig:
     """The ``optimizer`` section.
 
     Attributes:
-        name: adamw (full-rank torch AdamW, the baseline) or lowrank.
+        name: adamw (full-rank torch AdamW, the baseline), lowrank, or poet (W = R W0 P on the layers
+            ``lowrank.targets`` names, after ``lowrank.apply_poet``; the rest trains with AdamW at ``lr``).
         lr: learning rate of the plain group; low-rank weights move by lr * alpha (GaLore: 0.01; AdamW: tune).
         betas: Adam's (beta1, beta2).
         eps: Adam's epsilon; 1e-6 is what the reference runs used (its script never set it, the library default).
@@ -94,6 +96,8 @@ class OptimizerConfig:
             matrices moved by lr * alpha), which separates the effect of the subspace from that of the matrices' lr.
             With ``name: lowrank`` it must stay 1.0 (``lowrank.alpha`` scales those weights' updates).
         lowrank: low-rank settings, used when ``name`` is lowrank (``lowrank.targets`` also with ``target_lr_scale``).
+        poet: POET settings (block size, merge interval, series terms, the generators' lr, W0's init), used when
+            ``name`` is poet (:class:`lowrank.poet.PoetConfig`).
         refresh: when bases refresh (``lowrank.RefreshSchedule``: update_gap, stagger, switch_at, switch_to,
             max_steps, split_across_ranks), used when ``name`` is lowrank. Reference runs: update_gap 200 (7B: 500).
     """
@@ -109,6 +113,7 @@ class OptimizerConfig:
     state_precision: str = "fp32"
     target_lr_scale: float = 1.0
     lowrank: LowRankConfig = dataclasses.field(default_factory=LowRankConfig)
+    poet: PoetConfig = dataclasses.field(default_factory=PoetConfig)
     refresh: RefreshSchedule = dataclasses.field(default_factory=RefreshSchedule)
 
     def base_name(self) -> str:
@@ -157,11 +162,13 @@ def _problems(cfg: OptimizerConfig, prefix: str) -> list[str]:
             "a finite number > 0",
         ),
         *check(
-            cfg.name != "lowrank" or cfg.target_lr_scale == 1.0,
+            cfg.name == "adamw" or cfg.target_lr_scale == 1.0,
             f"{prefix}.target_lr_scale",
             cfg.target_lr_scale,
-            f"1.0 with {prefix}.name lowrank ({lp}.alpha scales the low-rank weights' updates; the scale is for adamw)",
+            f"1.0 with {prefix}.name {cfg.name} (the scale is for adamw; lowrank: {lp}.alpha scales the low-rank "
+            f"weights' updates; poet: {prefix}.poet.lr is the generators' lr)",
         ),
+        *cfg.poet.problems(f"{prefix}.poet"),
         *check(low.base in BASES, f"{lp}.base", low.base, join_accepted(sorted(BASES))),
         *check(len(low.targets) > 0, f"{lp}.targets", low.targets, "a non-empty list of regular expressions"),
     ]

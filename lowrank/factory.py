@@ -35,6 +35,7 @@ from lowrank.config import PRECISION_BASES, OptimizerConfig, optimizer_config_fr
 from lowrank.decay import NO_DECAY_SUFFIX, decays, unmatched
 from lowrank.names import module_types
 from lowrank.optimizer import LowRankOptimizer
+from lowrank.poet import poet_modules
 from lowrank.projector import basis_dim, projected_shape, resolve_side
 from lowrank.randomness import resolve_seed
 from lowrank.regroup import regroup_by_name
@@ -158,6 +159,62 @@ def lowrank_plan(
     return [(n, p, low.rank, resolve_side(tuple(p.shape), low.side)) for n, p in named if n in chosen]
 
 
+def _adamw(groups: list[dict[str, Any]], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """torch's AdamW (fp32 states) or :class:`CompactAdamW` (bf16 / 8-bit states) over ``groups``."""
+    hyper = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    if cfg.state_precision == "fp32":
+        optimizer = torch.optim.AdamW(groups, **hyper)
+        optimizer.register_load_state_dict_pre_hook(regroup_by_name)  # CompactAdamW regroups by itself
+        return optimizer
+    return CompactAdamW(groups, state_precision=cfg.state_precision, **hyper)
+
+
+def _poet_optimizer(
+    model: nn.Module, named: list[tuple[str, nn.Parameter]], decay: dict[str, bool], cfg: OptimizerConfig
+) -> torch.optim.Optimizer:
+    """AdamW with the POET generators in a ``poet`` group (lr ``poet.lr``, no weight decay) before the usual ones."""
+    layers = poet_modules(model)
+    if not layers:
+        raise ValueError(
+            "optimizer.name: poet, but the model holds no POETLinear layer; accepted: a model transformed by "
+            "lowrank.apply_poet(model, config.poet, config.lowrank.targets, seed) first (the recipe does it), or "
+            "optimizer.name adamw | lowrank"
+        )
+    generators = {f"{name}.{suffix}" for name, _ in layers for suffix in ("q_out", "q_in")}
+    poet = [(n, p) for n, p in named if n in generators]
+    rest = [(n, p) for n, p in named if n not in generators]
+    groups = [
+        {
+            "params": [p for _, p in poet],
+            "param_names": [n for n, _ in poet],
+            "name": "poet",
+            "lr": cfg.poet.lr,
+            "weight_decay": 0.0,
+        },
+        *_groups(rest, set(), decay, cfg),
+    ]
+    optimizer = _adamw(groups, cfg)
+    spec, owner = BASES[PRECISION_BASES.get(cfg.state_precision, "adamw")], _group_of(groups)
+    types = module_types([n for n, _ in poet])
+    rows = [
+        TableRow(
+            n,
+            tuple(p.shape),
+            owner[n]["name"],
+            None,
+            None,
+            None,
+            spec.estimate_state_bytes(tuple(p.shape), p.dtype),
+            owner[n]["weight_decay"],
+            types.get(n),
+        )
+        for n, p in named
+    ]
+    frozen = tuple((n, tuple(p.shape)) for n, p in model.named_parameters() if not p.requires_grad)
+    optimizer.group_table = GroupTable(tuple(rows), frozen=frozen)
+    return optimizer
+
+
 def _group_of(groups: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {name: group for group in groups for name in group["param_names"]}
 
@@ -183,18 +240,15 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | Mapping[str, Any
             f"optimizer.name: adamw, but {projected[0]!r} and {len(projected) - 1} more weights have "
             "projected-gradient companions (lowrank.projected); accepted with projected gradients: lowrank"
         )
+    if cfg.name == "poet":
+        return _poet_optimizer(model, named, decay, cfg)
     if cfg.name == "adamw":
         # fp32: torch's own AdamW, the reference baseline; bf16 / 8bit: the same update with compact moments.
         # target_lr_scale: the weights lowrank.targets names step at lr * scale (every pattern must match, as for
         # low-rank runs: a typo would silently give one learning rate)
         targets = frozenset(_assign(named, cfg.lowrank.targets)) if cfg.target_lr_scale != 1.0 else frozenset()
         groups = _groups(named, set(), decay, cfg, targets)
-        hyper = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
-        if cfg.state_precision == "fp32":
-            optimizer = torch.optim.AdamW(groups, **hyper)
-            optimizer.register_load_state_dict_pre_hook(regroup_by_name)  # CompactAdamW regroups by itself
-        else:
-            optimizer = CompactAdamW(groups, state_precision=cfg.state_precision, **hyper)
+        optimizer = _adamw(groups, cfg)
         spec, owner = BASES[PRECISION_BASES.get(cfg.state_precision, "adamw")], _group_of(groups)
         rows = [
             TableRow(

@@ -38,11 +38,23 @@ class GroupTable:
         rows: one per trainable parameter, in the model's order.
         seed: the run seed of the draws (None for a full-rank optimizer, which draws nothing).
         seed_source: where the seed came from: ``explicit``, ``PL_GLOBAL_SEED`` or ``default``.
+        frozen: (name, shape) of every parameter that does not train (POET's W0), in the model's order.
     """
 
     rows: tuple[TableRow, ...]
     seed: int | None = None
     seed_source: str | None = None
+    frozen: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    @property
+    def trainable_elements(self) -> int:
+        """Elements of the trainable parameters (the rows)."""
+        return sum(_numel(r.shape) for r in self.rows)
+
+    @property
+    def frozen_elements(self) -> int:
+        """Elements of the model's parameters that do not train (``frozen``: name and shape of each)."""
+        return sum(_numel(shape) for _, shape in self.frozen)
 
     def state_bytes(self, group: str | None = None) -> int:
         """Bytes of state of the rows of ``group`` (a group name), or of every row."""
@@ -82,6 +94,18 @@ class GroupTable:
             )
         else:
             text.append("weight decay: none (weight_decay 0)")
+        if self.frozen:
+            text.append(
+                f"trainable: {self.trainable_elements:,} elements in {len(self.rows)} tensors; frozen (no gradient, no "
+                f"optimizer state): {self.frozen_elements:,} elements in {len(self.frozen)} tensors"
+            )
         if self.seed is not None:
             text.append(f"draw seed {self.seed} ({self.seed_source})")
         return "\n".join(text)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count

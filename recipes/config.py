@@ -22,6 +22,7 @@ from lowrank.checks import is_number
 from lowrank.config import OptimizerConfig
 from lowrank.factory import build_optimizer
 from lowrank.overlap import OverlapMonitorOptions
+from lowrank.poet import apply_poet
 from lowrank.structured import from_mapping
 from lowrank_recipes.recipes.checkpoints import checkpoint_problem
 from lowrank_recipes.recipes.data.config import BUILTIN_SOURCES, EMBEDDED, DataConfig
@@ -336,9 +337,16 @@ def validate_run(run: RunConfig) -> None:
             "inside backward, one parameter at a time); accepted with per-layer updates: false"
         )
     if t.per_layer_updates and run.optimizer.name != "lowrank":
-        problems.append("trainer.per_layer_updates: needs optimizer.name=lowrank; accepted with adamw: false")
+        problems.append(
+            f"trainer.per_layer_updates: needs optimizer.name=lowrank; accepted with {run.optimizer.name}: false"
+        )
     problems += projected_problems(run)
     if t.strategy == "fsdp2":
+        if run.optimizer.name == "poet":
+            problems.append(
+                "optimizer.name: poet is not supported with trainer.strategy=fsdp2 (a merge needs whole rows of W0, "
+                "which FSDP2 shards); accepted with fsdp2: adamw | lowrank; accepted strategies with poet: auto, ddp"
+            )
         if t.per_layer_updates:
             problems.append(
                 "trainer.per_layer_updates: not supported with trainer.strategy=fsdp2 (FSDP2 reduce-scatters "
@@ -636,6 +644,8 @@ def _optimizer_problems(run: RunConfig) -> list[str]:
     with torch.device("meta"):
         model = Llama(run.model)
     try:
+        if run.optimizer.name == "poet":
+            apply_poet(model, run.optimizer.poet, run.optimizer.lowrank.targets, 0)
         build_optimizer(model, run.optimizer)
     except ValueError as err:
         return [str(err)]

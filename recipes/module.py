@@ -20,6 +20,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.text import Perplexity
 
 from lowrank import build_optimizer, optimizer_config_from_dict
+from lowrank.poet import apply_poet
+from lowrank.randomness import resolve_seed
 from lowrank_recipes.recipes.model import Llama, LlamaConfig, causal_lm_loss
 from lowrank_recipes.recipes.schedule import WarmupCosine
 
@@ -49,6 +51,9 @@ class LlamaPretrainModule(pl.LightningModule):
         self.save_hyperparameters()
         self.model_config = LlamaConfig(**model)
         self.model = Llama(self.model_config)
+        config = optimizer_config_from_dict(optimizer)
+        if config.name == "poet":  # W = R W0 P on the target linears, before any wrapper and before the optimizer
+            apply_poet(self.model, config.poet, config.lowrank.targets, resolve_seed(config.lowrank.seed).value)
         self.val_ppl = Perplexity()
         self.group_table: str | None = None
 

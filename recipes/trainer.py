@@ -21,6 +21,7 @@ from lowrank_recipes.callbacks import (
     GracefulStop,
     OptimizerStatePrecision,
     PerLayerUpdates,
+    POETMerges,
     ProjectGradients,
     RunStopped,
     SubspaceOverlapMonitor,
@@ -58,7 +59,9 @@ def _sequences(batch: dict[str, torch.Tensor]) -> int:
 
 def subspace_callbacks(run: RunConfig) -> list[pl.Callback]:
     """For a low-rank run: what runs the refreshes of the optimizer's schedule (the resampler, or per-layer updates
-    inside backward) and the overlap monitor; none for full-rank AdamW."""
+    inside backward) and the overlap monitor; for POET the merges; none for full-rank AdamW."""
+    if run.optimizer.name == "poet":
+        return [POETMerges(run.optimizer.poet)]
     if run.optimizer.name != "lowrank":
         return []
     if run.trainer.per_layer_updates:

@@ -91,7 +91,8 @@ def test_a_scheduler_keeps_the_ratio_of_the_two_rates() -> None:
         ({"target_lr_scale": float("nan")}, "optimizer.target_lr_scale: invalid value nan"),
         (
             {"name": "lowrank"},
-            "optimizer.target_lr_scale: invalid value 0.25; accepted: 1.0 with optimizer.name lowrank",
+            "optimizer.target_lr_scale: invalid value 0.25; accepted: 1.0 with optimizer.name lowrank (the scale is "
+            "for adamw",
         ),
     ],
 )

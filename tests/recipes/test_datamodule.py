@@ -123,7 +123,7 @@ def test_c4_source_with_local_shards(c4_shards: dict[str, list[str]], tiny_token
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (dict(source="web"), r"source='web' is unknown; accepted values: \['embedded', 'files', 'c4'\]"),
+        (dict(source="web"), r"source='web' is unknown; accepted values: \['embedded', 'stdlib_code', 'files', 'c4'\]"),
         (dict(source="files"), "source='files' needs train_files"),
         (dict(source="c4", train_files=["a.jsonl"]), "needs val_files"),
         (dict(seq_len=0), "seq_len must be >= 1"),
