@@ -10,7 +10,18 @@ from _common import markdown_table
 from _quality_stats import fmt_difference, fmt_interval, fmt_mean_std
 
 # One colour per method in both plots (matplotlib's default cycle C0..C9, in the results table's order).
-_COLOR_ORDER = ("adamw", "galore", "sara", "golore", "fira", "fira_importance", "galore_randomized", "sara_randomized")
+_COLOR_ORDER = (
+    "adamw",
+    "galore",
+    "sara",
+    "golore",
+    "fira",
+    "fira_importance",
+    "galore_randomized",
+    "sara_randomized",
+    "poet_b32",
+    "poet_b64",
+)
 
 METHOD_HEADER = (
     "method",
@@ -113,6 +124,12 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"`{' '.join(s['common_overrides'])}`.\n"
     )
     failed = f"\n**Failed runs:** {', '.join(result['failed'])}\n" if result["failed"] else ""
+    reused = result.get("reused") or {}
+    if reused.get("methods"):
+        failed += (
+            f"\nRuns of {', '.join(reused['methods'])} are reused from `{reused['from']}` (same config, steps and "
+            "seeds; this invocation ran the others).\n"
+        )
     return "\n".join(
         [
             head + failed,

@@ -60,7 +60,8 @@ from _quality_report import render_markdown, write_plots
 from _quality_run import RunSpec, train_one
 from _quality_stats import gap_closed, paired_difference, summarize
 
-# method -> (selector or None for full rank, optimizer overrides)
+POET_COMMON = ("optimizer.name=poet", "optimizer.lr=0.01", "optimizer.poet.merge_every=100")
+# method -> (selector, or a label for POET, or None for full rank; optimizer overrides)
 METHODS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "adamw": (None, ("optimizer.name=adamw",)),
     "galore": ("dominant", ("optimizer.lowrank.selector=dominant",)),
@@ -68,6 +69,10 @@ METHODS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "golore": ("random", ("optimizer.lowrank.selector=random",)),
     "fira": ("dominant", ("optimizer.lowrank.selector=dominant", "optimizer.lowrank.fira=true")),
     "fira_importance": ("importance", ("optimizer.lowrank.selector=importance", "optimizer.lowrank.fira=true")),
+    # POET (W = R W0 P) with b/d = 1/4 and 1/2 of the default model's hidden size 128, a merge every 100 steps; the
+    # plain group (embeddings, head, norms) at the low-rank runs' lr 0.01, the sweep over the generators' lr
+    "poet_b32": ("poet (b=32)", POET_COMMON + ("optimizer.poet.block_size=32",)),
+    "poet_b64": ("poet (b=64)", POET_COMMON + ("optimizer.poet.block_size=64",)),
 }
 # randomized variant -> (selector, the method whose best lr it uses)
 RANDOMIZED: dict[str, tuple[str, str]] = {
@@ -79,7 +84,13 @@ RANDOMIZED: dict[str, tuple[str, str]] = {
 # steps).
 LOWRANK_GRID = (0.004, 0.01, 0.025)
 ADAMW_GRID = (0.0008, 0.002, 0.005)
-LR_GRIDS: dict[str, tuple[float, ...]] = {m: ADAMW_GRID if m == "adamw" else LOWRANK_GRID for m in METHODS}
+# POET's generators: around the reference code's 0.002, factor 4 (no earlier run at this scale to centre on)
+POET_GRID = (0.001, 0.004, 0.016)
+LR_GRIDS: dict[str, tuple[float, ...]] = {
+    m: ADAMW_GRID if m == "adamw" else POET_GRID if m.startswith("poet") else LOWRANK_GRID for m in METHODS
+}
+# the key the swept lr sets: optimizer.lr (the plain group's; low-rank weights move by lr * alpha), or POET's own
+LR_KEYS: dict[str, str] = {m: "optimizer.poet.lr" if m.startswith("poet") else "optimizer.lr" for m in METHODS}
 
 # The sized-down default: 300 steps of the default model, a refresh every 50 steps (5 overlaps per run), validation
 # every 50 steps on 64 held-out sequences, no overlap images, checkpoints only at the end (last.ckpt).
@@ -116,14 +127,22 @@ QUICK_OVERRIDES = (
 
 # ----------------------------------------------------------------------------------------------------- planning
 def overrides_for(
-    args: argparse.Namespace, method_overrides: tuple[str, ...], lr: float, seed: int, accelerator: str
+    args: argparse.Namespace,
+    method_overrides: tuple[str, ...],
+    lr: float,
+    seed: int,
+    accelerator: str,
+    lr_key: str = "optimizer.lr",
 ) -> tuple[str, ...]:
     base = QUICK_OVERRIDES if args.quick else FULL_OVERRIDES
+    quick_poet = ("optimizer.poet.block_size=8", "optimizer.poet.merge_every=4") if args.quick else ()
+    poet = quick_poet if any(o == "optimizer.name=poet" for o in method_overrides) else ()
     return (
         *base,
         *method_overrides,
+        *poet,
         f"trainer.max_steps={args.steps}",
-        f"optimizer.lr={lr}",
+        f"{lr_key}={lr}",
         f"seed={seed}",
         f"trainer.accelerator={accelerator}",
     )
@@ -132,9 +151,12 @@ def overrides_for(
 def sweep_specs(args: argparse.Namespace, accelerator: str) -> list[RunSpec]:
     specs = []
     for method, (_, method_overrides) in METHODS.items():
+        if method not in args.methods:
+            continue
         grid = (LR_GRIDS[method][len(LR_GRIDS[method]) // 2],) if args.quick else LR_GRIDS[method]
         specs += [
-            RunSpec(method, lr, 0, "sweep", overrides_for(args, method_overrides, lr, 0, accelerator)) for lr in grid
+            RunSpec(method, lr, 0, "sweep", overrides_for(args, method_overrides, lr, 0, accelerator, LR_KEYS[method]))
+            for lr in grid
         ]
     return specs
 
@@ -146,20 +168,24 @@ def seed_specs(args: argparse.Namespace, best: dict[str, float], accelerator: st
             best[method],
             seed,
             "seeds",
-            overrides_for(args, METHODS[method][1], best[method], seed, accelerator),
+            overrides_for(args, METHODS[method][1], best[method], seed, accelerator, LR_KEYS[method]),
         )
         for method in METHODS
+        if method in args.methods
         for seed in range(1, args.seeds)
     ]
     for name, (selector, lr_from) in RANDOMIZED.items():
+        if name not in args.methods:
+            continue
         overrides = overrides_for(args, (f"optimizer.lowrank.selector={selector}",), best[lr_from], 0, accelerator)
         specs.append(RunSpec(name, best[lr_from], 0, "randomized", overrides))
     return specs
 
 
 def planned_runs(args: argparse.Namespace) -> int:
-    sweep = len(METHODS) * (1 if args.quick else len(LOWRANK_GRID))
-    return sweep + len(METHODS) * (args.seeds - 1) + len(RANDOMIZED)
+    chosen = [m for m in METHODS if m in args.methods]
+    sweep = len(chosen) * (1 if args.quick else len(LOWRANK_GRID))
+    return sweep + len(chosen) * (args.seeds - 1) + sum(name in args.methods for name in RANDOMIZED)
 
 
 # ---------------------------------------------------------------------------------------------------- execution
@@ -351,7 +377,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run outputs (TensorBoard, checkpoints, logs); default: a temporary directory, deleted at the end",
     )
     parser.add_argument("--quick", action="store_true", help="tiny model, 16 steps, one lr, 2 seeds (about a minute)")
+    parser.add_argument(
+        "--methods",
+        default=",".join([*METHODS, *RANDOMIZED]),
+        help=f"comma-separated methods to run (default: all of {', '.join([*METHODS, *RANDOMIZED])})",
+    )
+    parser.add_argument(
+        "--reuse",
+        default=None,
+        help="an earlier quality.json (same settings) whose runs stand in for the methods not run; its rows say so",
+    )
     args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS and m not in RANDOMIZED]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; accepted: {', '.join([*METHODS, *RANDOMIZED])}")
+    if args.reuse is None and set(args.methods) != {*METHODS, *RANDOMIZED}:
+        parser.error("--methods with a subset needs --reuse (an earlier quality.json with the other methods' runs)")
     if args.quick:
         args.steps, args.seeds = 16, 2
     if not args.quick and args.steps % VAL_EVERY:
@@ -381,14 +423,34 @@ def execute(args: argparse.Namespace, accelerator: str) -> tuple[Records, dict[s
         pool = ProcessPoolExecutor(
             args.jobs, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(args.threads,)
         )
+    reused = reused_records(args)
     try:
         sweep = run_phase(sweep_specs(args, accelerator), args, pool, progress)
+        sweep += [r for r in reused if r["phase"] == "sweep"]
         best, sweep_rows = best_lrs(sweep)
         rest = run_phase(seed_specs(args, best, accelerator), args, pool, progress)
+        rest += [r for r in reused if r["phase"] != "sweep"]
     finally:
         if pool is not None:
             pool.shutdown()
     return sweep + rest, best, sweep_rows
+
+
+def reused_records(args: argparse.Namespace) -> Records:
+    """The runs of ``--reuse`` (an earlier quality.json) of every method this invocation does not run, marked
+    ``reused``; none without ``--reuse``. Every method must then have its runs, from one side or the other."""
+    if args.reuse is None:
+        return []
+    earlier = json.loads(Path(args.reuse).read_text())
+    records = [{**r, "reused": args.reuse} for r in earlier["runs"] if r["method"] not in args.methods]
+    missing = [
+        m for m in (*METHODS, *RANDOMIZED) if m not in args.methods and not any(r["method"] == m for r in records)
+    ]
+    if missing:
+        raise SystemExit(
+            f"--reuse {args.reuse}: no runs of {missing}; accepted: a quality.json holding them, or --methods with them"
+        )
+    return records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         "overlap_summary": overlap_sentence(overlaps),
         "runs": records,
         "failed": [r["name"] for r in records if r.get("error")],
+        "reused": {"from": args.reuse, "methods": sorted({r["method"] for r in records if r.get("reused")})},
     }
     (out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     markdown = render_markdown(result)

@@ -11,9 +11,10 @@ allocator's peak; CPU: the resident peak above the resident memory when the time
 
 Variants (``VARIANTS``): AdamW; low-rank with the dominant and the importance rule, each with the exact and the
 randomized SVD; randomized importance with stagger 4, with 8-bit states, with per-layer updates, with projected
-gradients; and ``+compile`` (``model.compile=true``) for AdamW and randomized importance with stagger 4 on a CPU, for
-every variant on a GPU. Repetitions are interleaved (every variant once, then again), and the report gives the median
-and the interquartile range over them, and the ratio to AdamW of the same repetition (median).
+gradients; POET with block size d/4 and d/2 (d the hidden size; a merge in the timed window); and ``+compile``
+(``model.compile=true``) for AdamW and randomized importance with stagger 4 on a CPU, for every variant on a GPU.
+Repetitions are interleaved (every variant once, then again), and the report gives the median and the interquartile
+range over them, and the ratio to AdamW of the same repetition (median).
 
 Anchor printed beside it: GaLore's published LLaMA 1B figures at token batch 256 on one GPU (the GaLore paper):
 AdamW 1257 tokens/s, 8-bit Adam 1570, 8-bit GaLore 1109 (0.88x AdamW), 8-bit GaLore with per-layer
@@ -65,7 +66,12 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "randomized-importance-stagger4-8bit": (*STAGGER4, "optimizer.state_precision=8bit"),
     "randomized-importance-stagger4-per-layer": (*STAGGER4, "trainer.per_layer_updates=true"),
     "randomized-importance-stagger4-projected": (*STAGGER4, "optimizer.lowrank.projected_gradients=true"),
+    # POET (W = R W0 P) with block size d/4 and d/2 of the model's hidden size d (the paper's b/d), a merge in the
+    # timed window (``overrides``)
+    "poet-b-d4": ("optimizer.name=poet",),
+    "poet-b-d2": ("optimizer.name=poet",),
 }
+POET_DIVISORS = {"poet-b-d4": 4, "poet-b-d2": 2}
 COMPILED_ON_CPU = ("adamw", "randomized-importance-stagger4")
 # model shapes over the embedded tokenizer's vocabulary (4096): "default" is configs/default.yaml's model
 SIZES: dict[str, dict[str, int]] = {
@@ -104,7 +110,16 @@ def overrides(size: str, variant: str, args: argparse.Namespace, out_dir: str) -
         f"model.compile={str(compiled).lower()}",
         f"out_dir={out_dir}",
         *VARIANTS[name],
+        *poet_overrides(size, name, gap),
     ]
+
+
+def poet_overrides(size: str, variant: str, gap: int) -> list[str]:
+    """A POET variant's block size (hidden size / divisor) and merge interval (a merge in the timed window)."""
+    if variant not in POET_DIVISORS:
+        return []
+    block = max(2, SIZES[size]["hidden_size"] // POET_DIVISORS[variant])
+    return [f"optimizer.poet.block_size={block}", f"optimizer.poet.merge_every={gap}"]
 
 
 def run_child(size: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -4,7 +4,8 @@ Entry points: :func:`build_optimizer` (model + config -> optimizer, with its gro
 :class:`LowRankOptimizer` (the update rule is in its module docstring), :class:`RefreshSchedule` (when bases refresh),
 :class:`LowRankOptions` (every group option and its default), ``SELECTORS`` (subspace rules),
 :func:`subspace_overlap`, :func:`module_types` (unique module type labels), :func:`resolve_seed` (the draws' run
-seed), :func:`estimate_memory` (training memory by component and its modelled peak, from shapes).
+seed), :func:`estimate_memory` (training memory by component and its modelled peak, from shapes); POET
+(W = R W0 P): :func:`apply_poet`, :class:`PoetConfig`, :func:`merge_due`, :func:`merge_poet`, :class:`POETLinear`.
 """
 
 from lowrank.bases import BASES, BaseSpec, register_base
@@ -17,6 +18,8 @@ from lowrank.moments import MOMENT_POLICIES
 from lowrank.names import module_types
 from lowrank.optimizer import DueRefresh, LowRankOptimizer, RefreshListener
 from lowrank.options import LOWRANK_DEFAULTS, LowRankOptions
+from lowrank.poet import PoetConfig, apply_poet, merge_due, merge_poet, poet_modules
+from lowrank.poet_linear import POETLinear
 from lowrank.projector import SIDES, back_project, chance_overlap, project, resolve_side, subspace_overlap
 from lowrank.quantization import dequantize_blockwise, quantize_blockwise
 from lowrank.randomness import draw_generator, normalize_param_name, resolve_seed
@@ -51,6 +54,12 @@ __all__ = [
     "estimate_memory",
     "MOMENT_POLICIES",
     "OptimizerConfig",
+    "POETLinear",
+    "PoetConfig",
+    "apply_poet",
+    "merge_due",
+    "merge_poet",
+    "poet_modules",
     "RefreshRecord",
     "SELECTORS",
     "SIDES",

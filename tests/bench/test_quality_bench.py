@@ -11,8 +11,19 @@ import pytest
 from bench._quality_stats import gap_closed, paired_difference, summarize, t975
 from tests.bench.quick import run_quick
 
-METHODS = ("adamw", "galore", "sara", "golore", "fira", "fira_importance", "galore_randomized", "sara_randomized")
-LOWRANK = set(METHODS) - {"adamw"}
+METHODS = (
+    "adamw",
+    "galore",
+    "sara",
+    "golore",
+    "fira",
+    "fira_importance",
+    "poet_b32",
+    "poet_b64",
+    "galore_randomized",
+    "sara_randomized",
+)
+LOWRANK = set(METHODS) - {"adamw", "poet_b32", "poet_b64"}
 COLUMNS = (
     "method",
     "selector",
@@ -84,11 +95,33 @@ def test_quick_run_writes_every_row_column_and_plot(tmp_path: Path) -> None:
     assert [cells[0] for cells in body] == list(METHODS)
     assert all(len(cells) == len(COLUMNS) for cells in body)
     sweep_header, sweep_body = _sweep(markdown)
-    assert "best at grid edge" in sweep_header and len(sweep_body) == 6
+    assert "best at grid edge" in sweep_header and len(sweep_body) == 8
     assert "r/d" in markdown and result["verdict"] in markdown and result["overlap_summary"] in markdown
     for name in ("quality_loss.png", "quality_overlap.png"):
         png = out / name
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --methods with --reuse: only poet_b32 runs again; the other rows come from the first result, and say so
+    again = tmp_path / "again"
+    run_quick(
+        "quality.py",
+        "--methods",
+        "poet_b32",
+        "--reuse",
+        str(out / "quality.json"),
+        "--out-dir",
+        str(again),
+        "--work-dir",
+        str(tmp_path / "runs2"),
+        cwd=tmp_path,
+        timeout=300,
+    )
+    second = json.loads((again / "quality.json").read_text())
+    assert second["reused"]["methods"] == sorted(set(METHODS) - {"poet_b32"})
+    fresh = [r for r in second["runs"] if not r.get("reused")]
+    assert {r["method"] for r in fresh} == {"poet_b32"} and len(fresh) == 2  # one sweep value and seed 1
+    assert {r["method"]: r for r in second["methods"]}["adamw"] == rows["adamw"]
+    assert "are reused from" in (again / "quality.md").read_text()
 
 
 def _sweep(markdown: str) -> tuple[list[str], list[list[str]]]:

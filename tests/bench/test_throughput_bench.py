@@ -7,7 +7,12 @@ import json
 
 from tests.bench.quick import run_quick
 
-VARIANTS = ("adamw", "randomized-importance-stagger4-per-layer", "randomized-importance-stagger4-projected")
+VARIANTS = (
+    "adamw",
+    "randomized-importance-stagger4-per-layer",
+    "randomized-importance-stagger4-projected",
+    "poet-b-d4",
+)
 
 
 def test_throughput_quick_writes_every_variant_with_its_ratio_to_adamw(tmp_path):
