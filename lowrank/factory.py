@@ -17,6 +17,10 @@ LearningRateMonitor: ``train/lr/lowrank``, ``train/lr/plain``, ``train/lr/plain_
 ``targets_no_decay``, the weights ``lowrank.targets`` names, at ``lr * target_lr_scale`` (the low-rank runs' two-rate
 treatment without the subspace). A state dict saved with the former layout (``lowrank``, ``plain``: norms decayed
 with the rest) still loads, matched by parameter name (:mod:`lowrank.regroup`).
+
+``name: poet`` (after :func:`lowrank.poet.apply_poet`): a first group ``poet`` holds the POET layers' generators
+(``q_out``, ``q_in``) at ``poet.lr`` without weight decay; the other trainable parameters follow in ``plain`` and
+``plain_no_decay`` at ``lr``; the frozen W0 hold no state and are counted as frozen in the group table.
 """
 
 from __future__ import annotations
