@@ -314,22 +314,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             for p in result["paired"]
         ],
     )
-    overlap = markdown_table(
-        ("method", "selector", "runs", "first", "middle", "last", "chance r/d", "last third by type"),
-        [
-            (
-                m,
-                SELECTORS[m],
-                str(c["runs"]),
-                f"{c['overlap'][0]:.3f} (step {c['steps'][0]})",
-                f"{c['overlap'][len(c['steps']) // 2]:.3f} (step {c['steps'][len(c['steps']) // 2]})",
-                f"{c['overlap'][-1]:.3f} (step {c['steps'][-1]})",
-                f"{c['chance']:.3f}",
-                ", ".join(f"{t} {v:.2f}" for t, v in c["by_type_last_third"].items()),
-            )
-            for m, c in result["overlaps"].items()
-        ],
-    )
+    overlap = overlap_table(result["overlaps"])
     return "\n".join(
         [
             head + failed,
@@ -352,6 +337,31 @@ def render_markdown(result: dict[str, Any]) -> str:
             "",
         ]
     )
+
+
+def overlap_table(overlaps: dict[str, dict[str, Any]], columns: int = 7) -> str:
+    """Mean overlap per selector at up to ``columns`` refresh steps spread over the run (first and last included),
+    the chance level, and per module type over the last third of the refreshes."""
+    if not overlaps:
+        return "(no low-rank runs)"
+    steps = next(iter(overlaps.values()))["steps"]
+    count = min(columns, len(steps))
+    picks = sorted({steps[round(i * (len(steps) - 1) / max(1, count - 1))] for i in range(count)})
+    header = ("method", "selector", "runs", *(f"step {s}" for s in picks), "chance r/d", "last third by type")
+    body = []
+    for method, c in overlaps.items():
+        at = dict(zip(c["steps"], c["overlap"]))
+        body.append(
+            (
+                method,
+                SELECTORS[method],
+                str(c["runs"]),
+                *(f"{at[s]:.3f}" if s in at else "-" for s in picks),
+                f"{c['chance']:.3f}",
+                ", ".join(f"{t} {v:.2f}" for t, v in c["by_type_last_third"].items()),
+            )
+        )
+    return markdown_table(header, body)
 
 
 # -------------------------------------------------------------------------------------------------------- plots
