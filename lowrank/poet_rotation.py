@@ -48,10 +48,14 @@ def rotate(x: Tensor, perm: Tensor, inverse: Tensor, blocks: Tensor) -> Tensor:
     nb, b = blocks.shape[0], blocks.shape[-1]
     if nb == 0:
         return x
-    u = x.index_select(-1, perm)  # (..., d) = Psi x
-    head = u[..., : nb * b].unflatten(-1, (nb, b))  # (..., nb, b)
-    turned = torch.einsum("...kj,kij->...ki", head, blocks.to(u.dtype))  # G_k u_k for each block k
-    v = torch.cat([turned.flatten(-2), u[..., nb * b :]], dim=-1)  # diag(G, I) Psi x
+    u = x.index_select(-1, perm)  # (..., d) = Psi x; index_select keeps only the indices for backward
+    rows = u.shape[:-1]
+    # (nb, T, b), T the rows: a contiguous copy, which is what the product keeps for backward (nb b per row, whatever
+    # the strides: the memory estimator counts it so)
+    head = u[..., : nb * b].reshape(-1, nb, b).transpose(0, 1).contiguous()
+    turned = torch.matmul(head, blocks.to(u.dtype).transpose(-1, -2))  # row t of block k: (G_k u_k,t)^T
+    turned = turned.transpose(0, 1).reshape(*rows, nb * b)
+    v = torch.cat([turned, u[..., nb * b :]], dim=-1)  # diag(G, I) Psi x
     return v.index_select(-1, inverse)  # Psi^T (...)
 
 
