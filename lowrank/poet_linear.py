@@ -95,11 +95,19 @@ class POETLinear(nn.Module):
     # --------------------------------------------------------------------------------------------------- merges
     @torch.no_grad()
     def effective_weight(self, dtype: torch.dtype = torch.float64) -> Tensor:
-        """R W0 P (m x n) formed densely in ``dtype`` from the blocks the forward uses (computed in W0's dtype)."""
+        """R W0 P (m x n) in ``dtype``, from the blocks the forward uses (computed in W0's dtype), without forming R
+        or P: the rows of W0 P are P^T w_i (the rotation with the transposed blocks), and R (W0 P) rotates its
+        columns. A few m x n temporaries in ``dtype``, nothing of size m^2 or n^2."""
         g_out, g_in = self.blocks()
-        r = dense(self.perm_out, g_out.to(dtype))
-        p = dense(self.perm_in, g_in.to(dtype))
-        return r @ self.weight0.to(dtype) @ p
+        w = self.weight0.to(dtype)  # (m, n)
+        wp = rotate(w, self.perm_in, self.inv_in, g_in.to(dtype).transpose(-1, -2))  # (m, n) = W0 P
+        return rotate(wp.T, self.perm_out, self.inv_out, g_out.to(dtype)).T  # (m, n) = R W0 P
+
+    @torch.no_grad()
+    def dense_rotations(self, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+        """(R (m x m), P (n x n)) formed densely, for inspection and tests."""
+        g_out, g_in = self.blocks()
+        return dense(self.perm_out, g_out.to(dtype)), dense(self.perm_in, g_in.to(dtype))
 
     @torch.no_grad()
     def merge_(self, step: int) -> None:

@@ -82,6 +82,9 @@ def test_activation_side_forward_equals_the_materialised_weight(m: int, n: int, 
     expected = x @ (r @ w0 @ p).T + layer.bias
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(layer.effective_weight(), r @ w0 @ p, rtol=0, atol=1e-12)
+    dense_r, dense_p = layer.dense_rotations()
+    torch.testing.assert_close(dense_r, r, rtol=0, atol=1e-13)
+    torch.testing.assert_close(dense_p, p, rtol=0, atol=1e-13)
     # the last m mod b permuted outputs are not rotated: rows of R there are rows of the identity
     untouched = layer.perm_out[(m // b) * b :]
     torch.testing.assert_close(r[untouched][:, untouched], torch.eye(len(untouched), dtype=torch.float64))
