@@ -15,14 +15,16 @@ from typing import Any
 
 import torch
 
+from lowrank.config import DEFAULT_TARGETS
 from lowrank.factory import build_optimizer
 from lowrank.optimizer import LowRankOptimizer
 from lowrank.per_layer import enable_per_layer
+from lowrank.poet import PoetConfig, apply_poet, merge_poet
 from lowrank.projected import enable_projected_gradients
 from lowrank_recipes.recipes.model import Llama, causal_lm_loss
 
 from _common import current_rss_bytes, peak_rss_bytes, reset_peak
-from _memory_rows import SIZES, VARIANTS, model_config, optimizer_settings
+from _memory_rows import SIZES, VARIANTS, model_config, optimizer_settings, poet_block
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -47,6 +49,9 @@ def _warm_up(size: str, variant: str, device: torch.device) -> None:
     settings = optimizer_settings(size, variant, 1)
     if "lowrank" in settings:
         settings["lowrank"]["rank"] = 8
+    if "poet" in settings:
+        settings["poet"]["block_size"] = 8
+        apply_poet(net, PoetConfig(block_size=8), DEFAULT_TARGETS, seed=0)
     optimizer = build_optimizer(net, settings)
     ids = torch.randint(0, 512, (1, 33), device=device)
     for _ in range(2):
@@ -77,6 +82,8 @@ def run_row(size: str, variant: str, stagger: int, steps: int, device: torch.dev
     try:
         with torch.device(device):
             net = Llama(model_config(size, variant))
+        if row.optimizer == "poet":  # W = R W0 P on the projections, in the row's dtype
+            apply_poet(net, PoetConfig(block_size=poet_block(size, variant)), DEFAULT_TARGETS, seed=0)
     finally:
         torch.set_default_dtype(default)
     phases = {"build": peak()}
@@ -94,8 +101,11 @@ def run_row(size: str, variant: str, stagger: int, steps: int, device: torch.dev
         del loss
         phases[f"step{step}.backward"] = peak()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         phases[f"step{step}.optimizer"] = peak()
+        if row.optimizer == "poet" and step == 1:  # a merge as after step T_m - 1: the gradients still alive, as in
+            merge_poet(net, optimizer, step + 1)  # Lightning (it zeroes them before the next step's backward)
+            phases[f"step{step}.merge"] = peak()
+        optimizer.zero_grad(set_to_none=True)
         if step == 0 and projected is not None:  # steady state: from step 1 on (step 0 formed every G)
             reset_peak(device)
     if updater is not None:

@@ -28,15 +28,17 @@ class Size:
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """An optimizer variant: ``optimizer`` adamw | lowrank, ``precision`` of Adam's moments (fp32: torch AdamW,
+    """An optimizer variant: ``optimizer`` adamw | lowrank | poet, ``precision`` of Adam's moments (fp32: torch AdamW,
     whose moments follow the parameter dtype), per-layer weight updates, activation checkpointing, projected
-    gradients (lowrank.projected; measured from step 1 on: step 0 forms every full gradient for the first bases)."""
+    gradients (lowrank.projected; measured from step 1 on: step 0 forms every full gradient for the first bases),
+    POET's block size as a divisor of the hidden size (b = d / divisor; the child merges after step 1)."""
 
     optimizer: str
     precision: str
     per_layer: bool = False
     checkpointing: bool = False
     projected: bool = False
+    poet_divisor: int = 0
 
 
 SIZES: dict[str, Size] = {
@@ -54,7 +56,17 @@ VARIANTS: dict[str, Variant] = {
     "lowrank-8bit-per-layer": Variant("lowrank", "8bit", per_layer=True),
     "lowrank-8bit-per-layer-ckpt": Variant("lowrank", "8bit", per_layer=True, checkpointing=True),
     "lowrank-8bit-projected": Variant("lowrank", "8bit", projected=True),
+    "poet-d4-fp32": Variant("poet", "fp32", poet_divisor=4),
+    "poet-d4-8bit": Variant("poet", "8bit", poet_divisor=4),
 }
+
+
+def poet_block(size: str, variant: str) -> int:
+    """POET's block size b = hidden size / the variant's divisor (0 for other variants)."""
+    divisor = VARIANTS[variant].poet_divisor
+    return SIZES[size].config.hidden_size // divisor if divisor else 0
+
+
 # (size, variant) pairs measured by default: every variant at every size, activation checkpointing at 1B only.
 DEFAULT_ROWS: tuple[tuple[str, str], ...] = tuple(
     (size, variant)
@@ -85,6 +97,8 @@ def optimizer_settings(size: str, variant: str, stagger: int) -> dict[str, Any]:
     if row.optimizer == "lowrank":
         settings["lowrank"] = {"rank": spec.rank, "selector": spec.selector, "seed": 0}
         settings["refresh"] = {"update_gap": stagger, "stagger": stagger}
+    if row.optimizer == "poet":
+        settings["poet"] = {"block_size": poet_block(size, variant)}
     return settings
 
 
@@ -92,7 +106,12 @@ def shapes(size: str, variant: str, stagger: int, device: str) -> tuple[ModelSha
     """The estimator's description of the row on a ``device`` kind (cpu, cuda)."""
     spec, row = SIZES[size], VARIANTS[variant]
     optimizer = OptimizerShape(
-        name=row.optimizer, rank=spec.rank, state_precision=row.precision, selector=spec.selector, stagger=stagger
+        name=row.optimizer,
+        rank=spec.rank,
+        state_precision=row.precision,
+        selector=spec.selector,
+        stagger=stagger,
+        poet_block_size=poet_block(size, variant) or 256,
     )
     training = TrainingShape(
         spec.micro_batch,

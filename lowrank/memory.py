@@ -31,6 +31,13 @@ Components (bytes, per device):
     Fira a 0-dim float32 norm per matrix (``fira_norms``). Every other parameter gets the base's full-size
     moments.
 
+* POET (``name`` poet, :mod:`lowrank.poet`): the targets become POET layers. Weights add the generators
+  ((floor(m/b) + floor(n/b)) b(b-1)/2 each) and the permutations (int64, each with its inverse: 16 (m + n) bytes);
+  gradients and Adam's moments cover the generators and the plain parameters only (W0 is frozen); activations: see
+  :func:`poet_activation_bytes` (the block products keep a copy of the rotated coordinates, the Cayley-Neumann series
+  its b x b partial products; the linears' inputs are no longer kept); the step's workspace is the larger of the
+  update's temporaries and a merge's (:func:`poet_merge_bytes`), the gradients still alive.
+
 * activations: bytes of the tensors autograd saves for backward during the forward pass (what is alive when
   backward starts), derived by listing the saved tensors of ``recipes/model.py``'s ops
   (``torch.autograd.graph.saved_tensors_hooks``; the tests check the formula against that count, shared storages
@@ -89,7 +96,7 @@ from lowrank import memory_workspace as workspace
 from lowrank.compact_adamw import effective_precision
 from lowrank.quantization import quantized_bytes
 
-OPTIMIZERS: tuple[str, ...] = ("adamw", "lowrank")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "lowrank", "poet")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "8bit")
 SELECTOR_NAMES: tuple[str, ...] = ("dominant", "importance", "random", "randomized_dominant", "randomized_importance")
 # Attention and MLP projections: the default low-rank targets (lowrank.config.DEFAULT_TARGETS).
@@ -154,7 +161,8 @@ class ModelShape:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerShape:
-    """What the optimizer keeps: ``name`` adamw | lowrank; ``rank`` r; ``targets`` module names (last dotted
+    """What the optimizer keeps: ``name`` adamw | lowrank | poet (``poet_block_size`` b: the targets become POET
+    layers, :func:`poet_linears`); ``rank`` r; ``targets`` module names (last dotted
     component before ``.weight``) that go low-rank; ``side`` auto | left | right; ``state_precision`` fp32 | bf16 |
     8bit with the 8-bit ``block_size`` and ``min_8bit_size`` of :class:`lowrank.CompactAdamW`; ``fira``: a norm
     scalar per low-rank matrix; the refresh's ``selector`` (its ``oversampling`` for the randomized rules) and
@@ -163,6 +171,7 @@ class OptimizerShape:
 
     name: str = "adamw"
     rank: int = 128
+    poet_block_size: int = 256
     targets: tuple[str, ...] = PROJECTIONS
     side: str = "auto"
     state_precision: str = "fp32"
@@ -246,6 +255,8 @@ def _check(optimizer: OptimizerShape, training: TrainingShape) -> None:
         problems.append(f"device {training.device!r}; accepted: cpu, cuda")
     if training.projected_gradients and (optimizer.name != "lowrank" or optimizer.fira or training.per_layer_updates):
         problems.append("projected_gradients need the lowrank optimizer without Fira and without per_layer_updates")
+    if optimizer.name == "poet" and training.per_layer_updates:
+        problems.append("per_layer_updates need the lowrank optimizer (POET steps its generators after backward)")
     if training.per_layer_updates and training.world_size > 1:
         problems.append("per_layer_updates need world_size 1 (the hooks step before gradients are reduced)")
     if problems:
@@ -274,13 +285,43 @@ def moment_pair_bytes(shape: tuple[int, ...], optimizer: OptimizerShape, dtype: 
 
 
 def _is_target(name: str, shape: tuple[int, ...], optimizer: OptimizerShape) -> bool:
+    """A low-rank weight (``lowrank``) or a POET layer's W0 (``poet``)."""
     module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
-    return optimizer.name == "lowrank" and len(shape) == 2 and module in optimizer.targets
+    return optimizer.name in ("lowrank", "poet") and len(shape) == 2 and module in optimizer.targets
+
+
+def poet_linears(model: ModelShape, optimizer: OptimizerShape) -> list[tuple[int, int]]:
+    """(m, n) of every POET layer (the targets, in parameter order); empty unless ``optimizer.name`` is poet."""
+    if optimizer.name != "poet":
+        return []
+    return [shape for name, shape in model.parameters() if _is_target(name, shape, optimizer)]  # type: ignore[misc]
+
+
+def poet_generator_shapes(model: ModelShape, optimizer: OptimizerShape) -> list[tuple[int, int]]:
+    """Shapes of the generators ``q_out`` (floor(m/b), b(b-1)/2) and ``q_in`` (floor(n/b), b(b-1)/2) of every POET
+    layer: the parameters that train in place of the targets."""
+    b = optimizer.poet_block_size
+    return [(d // b, b * (b - 1) // 2) for m, n in poet_linears(model, optimizer) for d in (m, n)]
+
+
+def _trainable_shapes(model: ModelShape, optimizer: OptimizerShape) -> list[tuple[int, ...]]:
+    """Shapes of the parameters that get a gradient and optimizer state: every parameter, or for POET the
+    generators and the non-target parameters (W0 is frozen)."""
+    if optimizer.name != "poet":
+        return [shape for _, shape in model.parameters()]
+    plain = [shape for name, shape in model.parameters() if not _is_target(name, shape, optimizer)]
+    return [*poet_generator_shapes(model, optimizer), *plain]
 
 
 def optimizer_bytes(model: ModelShape, optimizer: OptimizerShape, dtype: torch.dtype) -> dict[str, int]:
     """``moments``, ``scales``, ``bases`` and ``fira_norms`` bytes (module docstring)."""
     out = dict(moments=0, scales=0, bases=0, fira_norms=0)
+    if optimizer.name == "poet":  # Adam on the generators and the plain parameters
+        for shape in _trainable_shapes(model, optimizer):
+            values, scales = moment_pair_bytes(shape, optimizer, dtype)
+            out["moments"] += values
+            out["scales"] += scales
+        return out
     for name, shape in model.parameters():
         moment_shape = shape
         if _is_target(name, shape, optimizer):
@@ -296,28 +337,58 @@ def optimizer_bytes(model: ModelShape, optimizer: OptimizerShape, dtype: torch.d
     return out
 
 
-def activation_bytes(model: ModelShape, training: TrainingShape) -> dict[str, int]:
+def activation_bytes(
+    model: ModelShape, training: TrainingShape, optimizer: OptimizerShape | None = None
+) -> dict[str, int]:
     """Activation bytes of one micro-batch (module docstring): ``layer`` (a_layer) and ``head`` (a_head) per token,
     ``fixed``, ``saved`` (what the forward pass saves) and ``total`` (``saved`` plus, with checkpointing, one
-    recomputed block)."""
+    recomputed block). With a POET ``optimizer`` the layer's linears are POET layers (:func:`poet_activation_bytes`)."""
     c, f, h, kv = model.hidden_size, model.intermediate_size, model.num_heads, model.kv_size
     s, n = training.param_dtype.itemsize, training.micro_batch_size * training.seq_len
     layer = 2 * (8 * c + 4) + 2 * s * c + s * (c + 2 * kv) + 4 * h + s * c + 4 * s * f
+    layer_fixed = 0
+    if optimizer is not None and optimizer.name == "poet":
+        per_token, layer_fixed = poet_activation_bytes(model, optimizer, s)
+        # the norm outputs (q/k/v's and gate/up's input) and down_proj's input are no longer kept by a linear: a POET
+        # layer's first op is a gather, which keeps only its indices
+        layer += per_token - 2 * s * c - s * f
     head = 8 * c + 4 + s * c + 4 * model.vocab_size + 16
     weight_copy = 4 * c if s < 4 else 0  # float32 copy of a norm weight (RMSNorm's weight.float())
     fixed = 8 * training.seq_len * (c // model.num_heads) + weight_copy
     if training.activation_checkpointing:
         saved = n * (model.num_layers * s * c + head) + fixed
-        total = saved + n * layer + 2 * weight_copy
+        total = saved + n * layer + 2 * weight_copy + layer_fixed
     else:
-        fixed += 2 * model.num_layers * weight_copy
+        fixed += 2 * model.num_layers * weight_copy + model.num_layers * layer_fixed
         saved = total = n * (model.num_layers * layer + head) + fixed
     return {"layer": layer, "head": head, "fixed": fixed, "saved": saved, "total": total}
+
+
+def poet_activation_bytes(model: ModelShape, optimizer: OptimizerShape, s: int) -> tuple[int, int]:
+    """(bytes per token, fixed bytes) that one decoder layer's POET linears keep for backward.
+
+    Per linear (m, n) and side (d = m for R, n for P, nb = floor(d / b)): the block product keeps a contiguous copy
+    of the nb b rotated coordinates of every token (``lowrank.poet_rotation.rotate``): nb b s per token. Fixed, per
+    side: the Cayley-Neumann series keeps 6 (nb, b, b) tensors (Q, I + Q, and the partial sums) and the product
+    keeps the blocks (7 nb b^2 s), the upper-triangle indices of the skew-symmetric map (int64, 2 x b(b-1)/2), and
+    the gathers keep the permutation and its inverse (int64, 2 d) when the side has a block. W0 is frozen, so the
+    product with it keeps no input."""
+    b = optimizer.poet_block_size
+    layer_shapes = poet_linears(model, optimizer)[: len(poet_linears(model, optimizer)) // max(1, model.num_layers)]
+    per_token = fixed = 0
+    for m, n in layer_shapes:
+        for d in (m, n):
+            nb = d // b
+            per_token += nb * b * s
+            fixed += 7 * nb * b * b * s + 8 * b * (b - 1) + (16 * d if nb else 0)
+    return per_token, fixed
 
 
 def _lowrank_shapes(model: ModelShape, optimizer: OptimizerShape) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """(oriented gradient (d, k), projected R shape) of every low-rank weight, in parameter order: d is the basis
     side's dimension."""
+    if optimizer.name != "lowrank":
+        return []
     out = []
     for name, shape in model.parameters():
         if _is_target(name, shape, optimizer):
@@ -333,7 +404,8 @@ def _base_groups(model: ModelShape, optimizer: OptimizerShape) -> list[list[tupl
     plain matrices, 1-D parameters)."""
     stand_ins = [r for _, r in _lowrank_shapes(model, optimizer)]
     plain = [shape for name, shape in model.parameters() if not _is_target(name, shape, optimizer)]
-    groups = [stand_ins, [p for p in plain if len(p) > 1], [p for p in plain if len(p) <= 1]]
+    first = poet_generator_shapes(model, optimizer) if optimizer.name == "poet" else stand_ins  # POET's group first
+    groups = [first, [p for p in plain if len(p) > 1], [p for p in plain if len(p) <= 1]]
     return [g for g in groups if g]
 
 
@@ -373,6 +445,14 @@ def _refresh_slice_gradients(model: ModelShape, optimizer: OptimizerShape, dtype
     return max(slices.values(), default=0)
 
 
+def poet_merge_bytes(shape: tuple[int, int], s: int) -> int:
+    """Temporaries of one POET layer's merge (``POETLinear.merge_``): W0 in float64, and in each of the two rotations
+    of ``effective_weight`` its input, the gathered copy, the block product's input, output and reshaped output, the
+    concatenation and the scattered result (at most 7 m x n float64 alive at once), then the result in W0's dtype."""
+    m, n = shape
+    return 7 * 8 * m * n + s * m * n
+
+
 def workspace_bytes(model: ModelShape, optimizer: OptimizerShape, training: TrainingShape) -> dict[str, int]:
     """Temporaries of the two candidate peaks, ``backward`` and ``step`` (``MemoryEstimate``), beyond the
     activations and the gradients respectively.
@@ -407,6 +487,8 @@ def workspace_bytes(model: ModelShape, optimizer: OptimizerShape, training: Trai
     else:  # every projected gradient and its stand-in at once, then the base's update over every group
         projected = 2 * s * sum(math.prod(r) for _, r in lowrank)
         update = projected + _update_bytes(_base_groups(model, optimizer), optimizer, training)
+    if optimizer.name == "poet":  # the merge runs after the update, the gradients still alive: the larger of the two
+        update = max(update, max((poet_merge_bytes(shape, s) for shape in poet_linears(model, optimizer)), default=0))
     refresh = max((_refresh_bytes(o, optimizer, training) for o, _ in lowrank), default=0)
     if training.projected_gradients:  # the refreshing slice's G lives until it is re-projected, before the update
         refresh += _refresh_slice_gradients(model, optimizer, training.param_dtype)
@@ -419,7 +501,13 @@ def estimate_memory(model: ModelShape, optimizer: OptimizerShape, training: Trai
     _check(optimizer, training)
     dtype = training.param_dtype
     weights = weight_bytes(model, dtype)
-    if training.per_layer_updates:
+    poet = poet_linears(model, optimizer)
+    if poet:  # W0 keeps its shape; the generators and the permutations (int64, each with its inverse) come on top
+        generators = sum(math.prod(shape) for shape in poet_generator_shapes(model, optimizer))
+        weights += generators * dtype.itemsize + sum(16 * (m + n) for m, n in poet)
+    if optimizer.name == "poet":  # only the generators and the plain parameters get gradients
+        gradients = sum(math.prod(shape) for shape in _trainable_shapes(model, optimizer)) * dtype.itemsize
+    elif training.per_layer_updates:
         gradients = max(math.prod(shape) for _, shape in model.parameters()) * dtype.itemsize
     elif training.projected_gradients:  # plain gradients and R (a refresh slice's G: the step's workspace)
         projected = sum(math.prod(r) for _, r in _lowrank_shapes(model, optimizer)) * dtype.itemsize
@@ -429,9 +517,9 @@ def estimate_memory(model: ModelShape, optimizer: OptimizerShape, training: Trai
         gradients = weights
     # DDP's buckets: a second gradient-sized copy, except with projected gradients (gradient_as_bucket_view=True: the
     # gradients are views into the buckets, and the frozen weights have none)
-    buckets = weights if training.world_size > 1 and not training.projected_gradients else 0
+    buckets = gradients if training.world_size > 1 and not training.projected_gradients else 0
     state = optimizer_bytes(model, optimizer, dtype)
-    activations = activation_bytes(model, training)["total"]
+    activations = activation_bytes(model, training, optimizer)["total"]
     work = workspace_bytes(model, optimizer, training)
     backward, step = activations + work["backward"], gradients + work["step"]
     phase = "step" if step > backward and not training.per_layer_updates else "backward"

@@ -17,6 +17,8 @@ VARIANTS = {
     "lowrank-8bit-per-layer",
     "lowrank-8bit-per-layer-ckpt",
     "lowrank-8bit-projected",
+    "poet-d4-fp32",
+    "poet-d4-8bit",
 }
 
 
@@ -39,6 +41,9 @@ def test_quick_run_writes_measured_and_estimated(tmp_path: Path) -> None:
         if variant.startswith("lowrank"):
             assert row["child"]["refreshed"][0] == 14 and 0 < row["child"]["refreshed"][1] < 14
             assert row["stagger1_child"]["refreshed"] == [14, 14] and row["stagger1_measured_bytes"] > 0
+        if variant.startswith("poet"):  # a merge after step 1, and state for the generators and plain parameters
+            assert "step1.merge" in row["child"]["phases"] and row["estimate"]["bases"] == 0
+            assert row["child"]["state_bytes"] > 0
     galore = {r["row"]: r for r in result["table_7b"]}["8-bit low-rank r1024, per-layer"]
     assert abs(galore["error_vs_published"]) <= 0.10  # GaLore's own configuration against its published 22.0 GB
     targets = result["projected_targets_7b"]  # the projected rows against their targets, both met

@@ -125,3 +125,56 @@ def test_galore_7b_configuration_is_within_ten_percent_of_the_published_figure()
     training = TrainingShape(1, 256, torch.bfloat16, per_layer_updates=True)
     estimate = estimate_memory(shape, OptimizerShape("lowrank", rank=1024, state_precision="8bit"), training)
     assert estimate.total / 1e9 == pytest.approx(22.0, rel=0.10)
+
+
+# ------------------------------------------------------------------------------------------------------------ POET
+POET_BLOCK = 16  # hidden 64 and intermediate 160: 4 and 10 blocks per side (160 = 10 x 16), every side rotated
+
+
+def poet_model(dtype: torch.dtype = torch.float32, checkpointing: bool = False) -> Llama:
+    from lowrank.config import DEFAULT_TARGETS
+    from lowrank.poet import PoetConfig, apply_poet
+
+    model = tiny_model(dtype, checkpointing)
+    apply_poet(model, PoetConfig(block_size=POET_BLOCK), DEFAULT_TARGETS, seed=0)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("precision", ["fp32", "8bit"])
+def test_poet_weights_gradients_and_state_match_the_real_model(dtype: torch.dtype, precision: str) -> None:
+    model = poet_model(dtype)
+    shape = ModelShape.from_config(model.config)
+    optimizer_shape = OptimizerShape("poet", poet_block_size=POET_BLOCK, state_precision=precision)
+    estimate = estimate_memory(shape, optimizer_shape, TrainingShape(2, 16, dtype, device="cpu"))
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    perms = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".perm_" in n or ".inv_" in n)
+    assert perms > 0 and estimate.weights == params + perms
+    optimizer = build_optimizer(model, {"name": "poet", "lr": 1e-3, "state_precision": precision})
+    ids = torch.randint(0, TINY["vocab_size"], (2, 16))
+    causal_lm_loss(model(ids), ids).backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    assert estimate.gradients == grads
+    optimizer.step()
+    assert estimate.optimizer == _state_tensor_bytes(optimizer) and estimate.bases == 0
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_poet_activations_match_the_saved_tensors(dtype: torch.dtype, checkpointing: bool) -> None:
+    model = poet_model(dtype, checkpointing)
+    batch, seq = 3, 16
+    measured = _saved_bytes(model, batch, seq)
+    training = TrainingShape(batch, seq, dtype, activation_checkpointing=checkpointing)
+    optimizer = OptimizerShape("poet", poet_block_size=POET_BLOCK)
+    estimate = activation_bytes(ModelShape.from_config(model.config), training, optimizer)
+    assert estimate["saved"] == pytest.approx(measured, rel=0.01)
+    plain = activation_bytes(ModelShape.from_config(model.config), training)
+    if not checkpointing:  # the rotations keep more than the plain linears did
+        assert estimate["saved"] > plain["saved"]
+
+
+def test_poet_is_refused_with_per_layer_updates() -> None:
+    shape = ModelShape(256, 64, 160, 4, 2)
+    with pytest.raises(ValueError, match="per_layer_updates need the lowrank optimizer"):
+        estimate_memory(shape, OptimizerShape("poet", poet_block_size=16), TrainingShape(per_layer_updates=True))
