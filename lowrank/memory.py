@@ -369,10 +369,10 @@ def poet_activation_bytes(model: ModelShape, optimizer: OptimizerShape, s: int) 
 
     Per linear (m, n) and side (d = m for R, n for P, nb = floor(d / b)): the block product keeps a contiguous copy
     of the nb b rotated coordinates of every token (``lowrank.poet_rotation.rotate``): nb b s per token. Fixed, per
-    side: the Cayley-Neumann series keeps 6 (nb, b, b) tensors (Q, I + Q, and the partial sums) and the product
-    keeps the blocks (7 nb b^2 s), the upper-triangle indices of the skew-symmetric map (int64, 2 x b(b-1)/2), and
-    the gathers keep the permutation and its inverse (int64, 2 d) when the side has a block. W0 is frozen, so the
-    product with it keeps no input."""
+    side: the Cayley-Neumann series (in float32 at least: ``POETLinear.blocks``) keeps 6 (nb, b, b) tensors (Q, I + Q,
+    and the partial sums; 6 nb b^2 max(s, 4)), the product keeps the blocks in the activations' dtype (nb b^2 s), the
+    skew-symmetric map keeps its upper-triangle indices (int64, 2 x b(b-1)/2), and the gathers keep the permutation
+    and its inverse (int64, 2 d) when the side has a block. W0 is frozen, so the product with it keeps no input."""
     b = optimizer.poet_block_size
     layer_shapes = poet_linears(model, optimizer)[: len(poet_linears(model, optimizer)) // max(1, model.num_layers)]
     per_token = fixed = 0
@@ -380,7 +380,7 @@ def poet_activation_bytes(model: ModelShape, optimizer: OptimizerShape, s: int) 
         for d in (m, n):
             nb = d // b
             per_token += nb * b * s
-            fixed += 7 * nb * b * b * s + 8 * b * (b - 1) + (16 * d if nb else 0)
+            fixed += nb * b * b * (6 * max(s, 4) + s) + 8 * b * (b - 1) + (16 * d if nb else 0)
     return per_token, fixed
 
 

@@ -78,12 +78,18 @@ class POETLinear(nn.Module):
             getattr(self, f"inv_{side}").copy_(inverse_permutation(perm))
 
     def blocks(self) -> tuple[Tensor, Tensor]:
-        """(G_out (floor(m/b), b, b), G_in (floor(n/b), b, b)) from the generators, differentiable."""
+        """(G_out (floor(m/b), b, b), G_in (floor(n/b), b, b)) from the generators, differentiable.
+
+        Computed in float32 at least, outside autocast, whatever the generators' dtype: in bf16 the series' own
+        rounding (about 4e-3) would dwarf its truncation error and accumulate in W0 at every merge. The block product
+        casts them to the activations' dtype."""
         b, k = self.block_size, self.neumann_terms
-        return (
-            cayley_neumann(skew_symmetric(self.q_out, b), k),
-            cayley_neumann(skew_symmetric(self.q_in, b), k),
-        )
+        dtype = torch.promote_types(self.q_out.dtype, torch.float32)
+        with torch.autocast(self.q_out.device.type, enabled=False):
+            return (
+                cayley_neumann(skew_symmetric(self.q_out.to(dtype), b), k),
+                cayley_neumann(skew_symmetric(self.q_in.to(dtype), b), k),
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         g_out, g_in = self.blocks()

@@ -215,3 +215,18 @@ def test_training_with_merges_keeps_the_spectrum_of_w0() -> None:
         # most about 4 e, plus the fp32 rounding of the stored W0 (1e-6 covers it)
         assert drift <= 4 * max(errors) + 1e-6, (name, drift, max(errors))
     assert math.isfinite(sum(errors))
+
+
+def test_bf16_layers_compute_their_blocks_in_float32_even_under_autocast() -> None:
+    layer = POETLinear(torch.randn(24, 16, dtype=torch.bfloat16), 8, 4, seed=0, name="w")
+    with torch.no_grad():
+        layer.q_out.normal_(0, 0.05)
+        layer.q_in.normal_(0, 0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g_out, g_in = layer.blocks()
+        y = layer(torch.randn(3, 16, dtype=torch.bfloat16))
+    assert g_out.dtype == g_in.dtype == torch.float32 and y.dtype == torch.bfloat16
+    # the float32 series is orthogonal to float32 rounding; the same series in bf16 is off by about 1e-2
+    assert float(layer.orthogonality_error()) < 1e-5
+    q = skew_symmetric(layer.q_out.detach(), 8)  # bf16
+    assert float(orthogonality_error(cayley_neumann(q, 4).double())) > 1e-3
