@@ -320,6 +320,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             head + failed,
             f"**{result['frozen_summary']}**\n",
             f"**{result['verdict']}**\n",
+            pilot_sentence(result) + "\n",
             "## Final validation loss at the long horizon (best lr per method)\n",
             long,
             "",
@@ -337,6 +338,30 @@ def render_markdown(result: dict[str, Any]) -> str:
             "",
         ]
     )
+
+
+def pilot_sentence(result: dict[str, Any]) -> str:
+    """The pilot's final loss beside GaLore's long run of the same seed at the sweep's best lr."""
+    pilot = result["pilot"]
+    if pilot is None:
+        return "No pilot run recorded."
+    s = result["settings"]
+    text = (
+        f"Pilot: GaLore at lr {pilot['lr']:g}, seed 0, {s['steps']} steps: final validation loss "
+        f"{pilot['final_loss']:.4f}."
+    )
+    best = next((r for r in result["long"] if r["method"] == pilot["method"]), None)
+    if best is not None and best["lr"] != pilot["lr"]:
+        runs = long_runs(result["runs"], s, pilot["method"], best["lr"])
+        same_seed = next((r["final_loss"] for r in runs if r["seed"] == 0), None)
+        if same_seed is not None:
+            better = "lower" if pilot["final_loss"] < same_seed else "higher"
+            text += (
+                f" The {s['sweep_steps']}-step sweep chose lr {best['lr']:g}; at that lr seed 0 ended at "
+                f"{same_seed:.4f}, so the pilot's lr ends {better} ({pilot['final_loss'] - same_seed:+.4f}): a "
+                f"learning rate chosen at {s['sweep_steps']} steps is not necessarily the best at {s['steps']}."
+            )
+    return text
 
 
 def overlap_table(overlaps: dict[str, dict[str, Any]], columns: int = 7) -> str:
