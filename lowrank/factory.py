@@ -198,9 +198,18 @@ def _poet_optimizer(
         *_groups(rest, set(), decay, cfg),
     ]
     optimizer = _adamw(groups, cfg)
+    frozen = tuple((n, tuple(p.shape)) for n, p in model.named_parameters() if not p.requires_grad)
+    rows = _adamw_rows(named, groups, cfg, module_types([n for n, _ in poet]))
+    optimizer.group_table = GroupTable(rows, frozen=frozen)
+    return optimizer
+
+
+def _adamw_rows(
+    named: list[tuple[str, nn.Parameter]], groups: list[dict[str, Any]], cfg: OptimizerConfig, types: dict[str, str]
+) -> tuple[TableRow, ...]:
+    """Group-table rows of an AdamW over ``groups`` (no rank, side or pattern); ``types``: module types to show."""
     spec, owner = BASES[PRECISION_BASES.get(cfg.state_precision, "adamw")], _group_of(groups)
-    types = module_types([n for n, _ in poet])
-    rows = [
+    return tuple(
         TableRow(
             n,
             tuple(p.shape),
@@ -213,10 +222,7 @@ def _poet_optimizer(
             types.get(n),
         )
         for n, p in named
-    ]
-    frozen = tuple((n, tuple(p.shape)) for n, p in model.named_parameters() if not p.requires_grad)
-    optimizer.group_table = GroupTable(tuple(rows), frozen=frozen)
-    return optimizer
+    )
 
 
 def _group_of(groups: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -253,21 +259,7 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | Mapping[str, Any
         targets = frozenset(_assign(named, cfg.lowrank.targets)) if cfg.target_lr_scale != 1.0 else frozenset()
         groups = _groups(named, set(), decay, cfg, targets)
         optimizer = _adamw(groups, cfg)
-        spec, owner = BASES[PRECISION_BASES.get(cfg.state_precision, "adamw")], _group_of(groups)
-        rows = [
-            TableRow(
-                n,
-                tuple(p.shape),
-                owner[n]["name"],
-                None,
-                None,
-                None,
-                spec.estimate_state_bytes(tuple(p.shape), p.dtype),
-                owner[n]["weight_decay"],
-            )
-            for n, p in named
-        ]
-        optimizer.group_table = GroupTable(tuple(rows))
+        optimizer.group_table = GroupTable(_adamw_rows(named, groups, cfg, {}))
         return optimizer
 
     low = cfg.lowrank

@@ -8,33 +8,13 @@ import re
 
 import pytest
 import torch
-from torch import nn
 
 from lowrank import build_optimizer
 from lowrank.config import OptimizerConfig
 
+from .test_weight_decay import TinyLM, _loss  # q_proj (no bias), up_proj (with a bias), embeddings, norm, head
+
 LR, SCALE, WD = 0.01, 0.25, 0.1
-
-
-class TinyLM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed_tokens = nn.Embedding(30, 8)
-        self.q_proj = nn.Linear(8, 8, bias=False)
-        self.up_proj = nn.Linear(8, 16)  # its bias is 1-D: plain, not a target
-        self.norm = nn.LayerNorm(8)
-        self.lm_head = nn.Linear(8, 30, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.embed_tokens(tokens)
-        h = h + self.q_proj(h) + torch.relu(self.up_proj(h))[..., :8]
-        return self.lm_head(self.norm(h))
-
-
-def _loss(model: nn.Module, step: int) -> torch.Tensor:
-    tokens = torch.randint(0, 30, (4, 6), generator=torch.Generator().manual_seed(100 + step))
-    return nn.functional.cross_entropy(model(tokens[:, :-1]).reshape(-1, 30), tokens[:, 1:].reshape(-1))
 
 
 def _config(**overrides: object) -> dict:
