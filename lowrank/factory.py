@@ -25,7 +25,6 @@ with the rest) still loads, matched by parameter name (:mod:`lowrank.regroup`).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +43,7 @@ from lowrank.projector import basis_dim, projected_shape, resolve_side
 from lowrank.randomness import resolve_seed
 from lowrank.regroup import regroup_by_name
 from lowrank.table import GroupTable, TableRow
+from lowrank.targets import match_targets
 
 __all__ = ["GROUP_NAMES", "GroupTable", "TableRow", "build_optimizer", "lowrank_plan"]
 
@@ -60,27 +60,13 @@ def _base_options(cfg: OptimizerConfig, base: str) -> dict[str, Any]:
 
 def _assign(named: list[tuple[str, nn.Parameter]], targets: list[str]) -> dict[str, str]:
     """name -> matching pattern for every 2-D parameter that matches a target (first match wins)."""
-    compiled = []
-    for pattern in targets:
-        try:
-            compiled.append((pattern, re.compile(pattern)))
-        except re.error as err:
-            raise ValueError(f"optimizer.lowrank.targets: {pattern!r} is not a regular expression ({err})") from None
-    chosen, used = {}, set()
-    for name, param in named:
-        for pattern, regex in compiled:
-            if param.dim() == 2 and regex.search(name):
-                chosen[name] = pattern
-                used.add(pattern)
-                break
-    unused = [pattern for pattern, _ in compiled if pattern not in used]
-    if unused:
-        sample = ", ".join(name for name, _ in named[:6])
-        raise ValueError(
-            f"optimizer.lowrank.targets: pattern(s) {unused} match no 2-D parameter; parameter names look like: "
-            f"{sample}, ...; accepted: regular expressions that match at least one 2-D weight"
-        )
-    return chosen
+    sample = ", ".join(name for name, _ in named[:6])
+    return match_targets(
+        [name for name, param in named if param.dim() == 2],
+        targets,
+        f"2-D parameter; parameter names look like: {sample}, ...; accepted: regular expressions that match at least "
+        "one 2-D weight",
+    )
 
 
 def _decay(named: list[tuple[str, nn.Parameter]], cfg: OptimizerConfig) -> dict[str, bool]:

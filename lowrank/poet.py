@@ -31,7 +31,6 @@ Under FSDP2 the merge needs whole rows of W0 (refused: ``fsdp2`` is not accepted
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -42,6 +41,7 @@ from lowrank.checks import check, is_int, is_number
 from lowrank.poet_linear import POETLinear
 from lowrank.randomness import draw_generator
 from lowrank.schedule import RefreshSchedule
+from lowrank.targets import match_targets
 
 POET_INITS: tuple[str, ...] = ("normalized", "normal")
 
@@ -118,27 +118,13 @@ def apply_poet(model: nn.Module, config: PoetConfig, targets: Sequence[str], see
         raise ValueError("invalid POET configuration: " + "; ".join(problems))
     if poet_modules(model):
         raise ValueError("apply_poet: the model already holds POETLinear layers (apply it once)")
-    compiled = []
-    for pattern in targets:
-        try:
-            compiled.append((pattern, re.compile(pattern)))
-        except re.error as err:
-            raise ValueError(f"optimizer.lowrank.targets: {pattern!r} is not a regular expression ({err})") from None
-    chosen, used = [], set()
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
-            continue
-        weight_name = f"{name}.weight"
-        pattern = next((p for p, regex in compiled if regex.search(weight_name)), None)
-        if pattern is not None:
-            chosen.append((name, module))
-            used.add(pattern)
-    unused = [p for p, _ in compiled if p not in used]
-    if unused:
-        raise ValueError(
-            f"optimizer.lowrank.targets: pattern(s) {unused} match no nn.Linear weight; accepted: regular expressions "
-            "that match at least one linear layer's weight name"
-        )
+    linears = {f"{name}.weight": (name, module) for name, module in model.named_modules() if type(module) is nn.Linear}
+    matched = match_targets(
+        list(linears),
+        targets,
+        "nn.Linear weight; accepted: regular expressions that match at least one linear layer's weight name",
+    )
+    chosen = [linears[weight_name] for weight_name in matched]
     swapped = []
     for name, linear in chosen:
         weight_name = f"{name}.weight"
