@@ -7,7 +7,9 @@ their generators (``build_optimizer(..., {"name": "poet"})``, or any torch optim
   micro-batches of an accumulated step): the layers whose merge is due (``lowrank.poet.merge_due``: after steps
   T_m - 1, 2 T_m - 1, ...) merge, W0 <- R W0 P, with new permutations for step s + 1, zeroed generators and their
   optimizer state reset (``lowrank.poet.merge_poet``). Every data-parallel rank does the same, without communication.
-  A checkpoint saved at that step already holds the merged weights (Lightning runs checkpoint callbacks last).
+  A checkpoint saved at that step already holds the merged weights (Lightning runs checkpoint callbacks last). A merge
+  whose rotations are too far from orthogonal (``max_merge_error``) raises ``lowrank.poet.PoetMergeError`` on every
+  rank before anything is merged or saved: the last checkpoint stays the last good one.
 * logs, every ``trainer.log_every_n_steps`` optimizer steps: ``poet/orthogonality_error`` (max over blocks of
   ||G^T G - I||_2) and ``poet/q_norm_max`` (max ||Q||_2; a warning once it reaches ``warn_q_norm``: the Neumann
   series is valid below 1); at every merge: ``poet/merge_seconds`` and ``poet/spectrum_drift``, over a sample of

@@ -18,7 +18,7 @@ from lowrank.moments import MOMENT_POLICIES
 from lowrank.names import module_types
 from lowrank.optimizer import DueRefresh, LowRankOptimizer, RefreshListener
 from lowrank.options import LOWRANK_DEFAULTS, LowRankOptions
-from lowrank.poet import PoetConfig, apply_poet, merge_due, merge_poet, poet_modules
+from lowrank.poet import PoetConfig, PoetMergeError, apply_poet, merge_due, merge_poet, poet_modules
 from lowrank.poet_linear import POETLinear
 from lowrank.projector import SIDES, back_project, chance_overlap, project, resolve_side, subspace_overlap
 from lowrank.quantization import dequantize_blockwise, quantize_blockwise
@@ -56,6 +56,7 @@ __all__ = [
     "OptimizerConfig",
     "POETLinear",
     "PoetConfig",
+    "PoetMergeError",
     "apply_poet",
     "merge_due",
     "merge_poet",

@@ -60,6 +60,10 @@ class PoetConfig:
             layer's own initialisation: for the recipe's LLaMA, N(0, 0.02)).
         stagger: k, merge slices of the layers at different steps of a period (1: all at once; as
             ``optimizer.refresh.stagger``).
+        max_merge_error: the largest orthogonality error e = max ||G^T G - I||_2 a merge accepts. A merge moves W's
+            singular values by factors within [sqrt(1 - e), sqrt(1 + e)] for good; at e >= 1 a block may be singular
+            and erase directions of W0. The series has then left its range (||Q||_2 near or past 1): the merge
+            raises :class:`PoetMergeError` instead, before touching any weight.
     """
 
     ACCEPTED_INITS: ClassVar[tuple[str, ...]] = POET_INITS
@@ -70,6 +74,7 @@ class PoetConfig:
     lr: float = 0.002
     init: str = "normalized"
     stagger: int = 1
+    max_merge_error: float = 1.0
 
     def problems(self, prefix: str = "optimizer.poet") -> list[str]:
         return [
@@ -79,11 +84,21 @@ class PoetConfig:
             *check(is_number(self.lr) and self.lr > 0, f"{prefix}.lr", self.lr, "a finite number > 0"),
             *check(self.init in POET_INITS, f"{prefix}.init", self.init, " | ".join(POET_INITS)),
             *check(is_int(self.stagger, 1), f"{prefix}.stagger", self.stagger, "an integer >= 1 (1: no staggering)"),
+            *check(
+                is_number(self.max_merge_error) and self.max_merge_error > 0,
+                f"{prefix}.max_merge_error",
+                self.max_merge_error,
+                "a finite number > 0",
+            ),
         ]
 
     def schedule(self) -> RefreshSchedule:
         """The merge schedule as a refresh schedule: the merge after step s is its refresh at step s + 1."""
         return RefreshSchedule(update_gap=self.merge_every, stagger=self.stagger)
+
+
+class PoetMergeError(RuntimeError):
+    """A due merge whose rotations are too far from orthogonal (``PoetConfig.max_merge_error``); nothing was merged."""
 
 
 def poet_modules(model: nn.Module) -> list[tuple[str, POETLinear]]:
@@ -163,12 +178,32 @@ def merge_poet(
 
     Returns:
         The merged layers' module names.
+
+    Raises:
+        PoetMergeError: with ``config``, a due layer's orthogonality error exceeds ``config.max_merge_error``; checked
+            for every due layer before any is merged, so the model and the optimizer are left as they were.
     """
     layers = poet_modules(model)
+    due = [
+        (name, layer)
+        for place, (name, layer) in enumerate(layers)
+        if config is None or merge_due(step - 1, config, place, len(layers))
+    ]
+    if config is not None and due:
+        errors = {name: float(layer.orthogonality_error()) for name, layer in due}
+        worst = max(errors, key=lambda name: errors[name])
+        if not errors[worst] <= config.max_merge_error:  # NaN fails too
+            q_norm = float(dict(due)[worst].q_norm_max())
+            raise PoetMergeError(
+                f"POET merge before step {step}: {worst} has orthogonality error {errors[worst]:.3g} "
+                f"(max ||Q||_2 = {q_norm:.3g}; the Cayley-Neumann series needs ||Q||_2 < 1), above "
+                f"optimizer.poet.max_merge_error = {config.max_merge_error}: folding it into W0 would change the "
+                "weight's singular values for good. Nothing was merged. Lower optimizer.poet.lr, merge more often "
+                "(optimizer.poet.merge_every) or raise optimizer.poet.neumann_terms; accepted for max_merge_error: a "
+                "finite number > 0"
+            )
     merged = []
-    for place, (name, layer) in enumerate(layers):
-        if config is not None and not merge_due(step - 1, config, place, len(layers)):
-            continue
+    for name, layer in due:
         layer.merge_(step)
         if optimizer is not None:
             for param in generator_params(layer):

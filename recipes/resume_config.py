@@ -68,6 +68,7 @@ RESUME_RULES: dict[str, Rule] = {
     "optimizer.poet.lr": _LR,
     "optimizer.poet.merge_every": Rule("apply", "merges from here on follow the new interval"),
     "optimizer.poet.stagger": Rule("apply", "merges from here on follow the new stagger"),
+    "optimizer.poet.max_merge_error": Rule("apply", "merges from here on are checked against the new bound"),
     "optimizer.refresh.max_steps": Rule("apply", "the selector switch step ceil(switch_at * max_steps) is recomputed"),
     "schedule": _LR,
     "monitor": Rule("apply", "monitoring from here on follows the new value"),

@@ -10,7 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank.poet import PoetConfig, apply_poet, merge_due, merge_poet, normalized_gaussian, poet_modules
+from lowrank.poet import (
+    PoetConfig,
+    PoetMergeError,
+    apply_poet,
+    merge_due,
+    merge_poet,
+    normalized_gaussian,
+    poet_modules,
+)
 from lowrank.poet_cayley import cayley_neumann, orthogonality_error, skew_symmetric
 from lowrank.poet_linear import POETLinear
 
@@ -215,6 +223,46 @@ def test_training_with_merges_keeps_the_spectrum_of_w0() -> None:
         # most about 4 e, plus the fp32 rounding of the stored W0 (1e-6 covers it)
         assert drift <= 4 * max(errors) + 1e-6, (name, drift, max(errors))
     assert math.isfinite(sum(errors))
+
+
+def _dense_error(layer: POETLinear) -> float:
+    """max(||R^T R - I||_2, ||P^T P - I||_2) of the materialised rotations, in float64."""
+    errors = []
+    for rotation in layer.dense_rotations(torch.float64):
+        eye = torch.eye(rotation.shape[0], dtype=torch.float64)
+        errors.append(float(torch.linalg.matrix_norm(rotation.T @ rotation - eye, ord=2)))
+    return max(errors)
+
+
+def test_a_merge_past_the_series_range_is_refused_and_changes_nothing() -> None:
+    model = _Tiny()
+    apply_poet(model, PoetConfig(block_size=4), TARGETS, seed=4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    config = PoetConfig(block_size=4, merge_every=5)
+    _train(model, optimizer, config, 3)
+    with torch.no_grad():  # up_proj's generators far past ||Q||_2 = 1, down_proj's small
+        model.up_proj.q_out.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+        model.down_proj.q_out.mul_(0.01)
+    bad = _dense_error(model.up_proj)
+    assert bad > PoetConfig().max_merge_error and _dense_error(model.down_proj) < 1e-6
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_before = {p: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+    for threshold in (PoetConfig().max_merge_error, bad * 0.99):
+        config = PoetConfig(block_size=4, merge_every=5, max_merge_error=threshold)
+        with pytest.raises(PoetMergeError, match=r"up_proj has orthogonality error .* above optimizer.poet.max_merge"):
+            merge_poet(model, optimizer, 5, config)
+        # nothing merged: not even down_proj, which was due too; the optimizer state is untouched
+        after = model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+        assert optimizer.state.keys() == state_before.keys()
+        assert all(torch.equal(optimizer.state[p][k], v) for p, s in state_before.items() for k, v in s.items())
+    # the threshold compares the materialised rotations' error: just above it, both due layers merge
+    config = PoetConfig(block_size=4, merge_every=5, max_merge_error=bad * 1.01)
+    assert merge_poet(model, optimizer, 5, config) == ["up_proj", "down_proj"]
+    assert model.up_proj.q_out not in optimizer.state
+    assert PoetConfig(max_merge_error=0.0).problems() == [
+        "optimizer.poet.max_merge_error: invalid value 0.0; accepted: a finite number > 0"
+    ]
 
 
 def test_bf16_layers_compute_their_blocks_in_float32_even_under_autocast() -> None:

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lowrank.poet import poet_modules
+from lowrank.poet import PoetMergeError, poet_modules
 from lowrank_recipes.recipes.config import ConfigError, load_run_config
 from lowrank_recipes.recipes.trainer import fit
 
@@ -114,6 +114,7 @@ def test_a_run_stopped_between_merges_resumes_exactly(tmp_path: Path) -> None:
         (["optimizer.poet.block_size=1"], "optimizer.poet.block_size: invalid value 1; accepted: an integer >= 2"),
         (["optimizer.poet.init=xavier"], "optimizer.poet.init: invalid value 'xavier'; accepted: normalized | normal"),
         (["optimizer.lowrank.projected_gradients=true"], "needs optimizer.name=lowrank; accepted with poet: false"),
+        (["optimizer.poet.max_merge_error=0"], "optimizer.poet.max_merge_error: invalid value 0.0; accepted: a finite"),
     ],
 )
 def test_what_poet_cannot_run_is_refused_before_anything_is_written(
@@ -122,3 +123,13 @@ def test_what_poet_cannot_run_is_refused_before_anything_is_written(
     with pytest.raises((ConfigError, ValueError), match=message):
         load_run_config("default", [*TINY, *POET, f"out_dir={tmp_path / 'run'}", *overrides])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_merge_past_the_series_range_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    # poet.lr 0.5 drives ||Q||_2 far past 1 within 5 steps; the merge after step 5 refuses to fold that into W0
+    with pytest.raises(PoetMergeError, match=r"POET merge before step 5: .* above optimizer.poet.max_merge_error"):
+        _fit(out, "trainer.max_steps=12", "trainer.checkpoint_every_n_steps=3", "optimizer.poet.lr=0.5")
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3  # the step-3 checkpoint, not one written from the refused merge's step
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
