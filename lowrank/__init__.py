@@ -5,7 +5,8 @@ Entry points: :func:`build_optimizer` (model + config -> optimizer, with its gro
 :class:`LowRankOptions` (every group option and its default), ``SELECTORS`` (subspace rules),
 :func:`subspace_overlap`, :func:`module_types` (unique module type labels), :func:`resolve_seed` (the draws' run
 seed), :func:`estimate_memory` (training memory by component and its modelled peak, from shapes); POET
-(W = R W0 P): :func:`apply_poet`, :class:`PoetConfig`, :func:`merge_due`, :func:`merge_poet`, :class:`POETLinear`.
+(W = R W0 P): :func:`apply_poet`, :class:`PoetConfig`, :func:`merge_due`, :func:`merge_poet`, :class:`POETLinear`;
+:func:`select_trainable` (train only chosen modules: presets such as ``sfn_oproj``, or patterns).
 """
 
 from lowrank.bases import BASES, BaseSpec, register_base
@@ -27,8 +28,12 @@ from lowrank.records import RefreshRecord
 from lowrank.sampling import importance_indices
 from lowrank.schedule import RefreshSchedule
 from lowrank.selectors import SELECTORS, SubspaceSelector, make_selector, register_selector, selector_fields
+from lowrank.trainable import TRAINABLE_PRESETS, TrainableSelection, select_trainable
 
 __all__ = [
+    "TRAINABLE_PRESETS",
+    "TrainableSelection",
+    "select_trainable",
     "BASES",
     "BaseSpec",
     "DueRefresh",

@@ -18,6 +18,11 @@ LearningRateMonitor: ``train/lr/lowrank``, ``train/lr/plain``, ``train/lr/plain_
 treatment without the subspace). A state dict saved with the former layout (``lowrank``, ``plain``: norms decayed
 with the rest) still loads, matched by parameter name (:mod:`lowrank.regroup`).
 
+Frozen parameters (``requires_grad = False``: :func:`lowrank.trainable.select_trainable`, POET's W0) are not the
+optimizer's: no group, no state. The target patterns are matched among every 2-D weight, frozen ones included, and
+the trainable matches go low-rank: a pattern that matches only frozen weights is not an error, the group table lists
+it (``frozen_targets``) and counts the frozen elements; a pattern that matches nothing at all is.
+
 ``name: poet`` (after :func:`lowrank.poet.apply_poet`): a first group ``poet`` holds the POET layers' generators
 (``q_out``, ``q_in``) at ``poet.lr`` without weight decay; the other trainable parameters follow in ``plain`` and
 ``plain_no_decay`` at ``lr``; the frozen W0 hold no state and are counted as frozen in the group table.
@@ -58,20 +63,62 @@ def _base_options(cfg: OptimizerConfig, base: str) -> dict[str, Any]:
     return {}  # Adafactor keeps its own defaults (no first moment; relative steps)
 
 
-def _assign(named: list[tuple[str, nn.Parameter]], targets: list[str]) -> dict[str, str]:
-    """name -> matching pattern for every 2-D parameter that matches a target (first match wins)."""
-    sample = ", ".join(name for name, _ in named[:6])
-    return match_targets(
-        [name for name, param in named if param.dim() == 2],
+def _assign(
+    named: list[tuple[str, nn.Parameter]], targets: list[str], frozen: list[tuple[str, nn.Parameter]] = ()
+) -> dict[str, str]:
+    """name -> matching pattern for every trainable 2-D parameter that matches a target (first match wins). The
+    patterns are matched among the trainable and the ``frozen`` 2-D parameters: a pattern that matches only frozen
+    ones (``model.trainable`` left them out) is fine; one that matches nothing at all is an error."""
+    candidates = [*named, *frozen]
+    sample = ", ".join(name for name, _ in candidates[:6])
+    chosen = match_targets(
+        [name for name, param in candidates if param.dim() == 2],
         targets,
         f"2-D parameter; parameter names look like: {sample}, ...; accepted: regular expressions that match at least "
         "one 2-D weight",
     )
+    trainable = {name for name, _ in named}
+    return {name: pattern for name, pattern in chosen.items() if name in trainable}
 
 
-def _decay(named: list[tuple[str, nn.Parameter]], cfg: OptimizerConfig) -> dict[str, bool]:
-    """name -> whether it decays; a ``no_decay`` pattern that matches no parameter is an error."""
-    unused = unmatched(cfg.no_decay, [name for name, _ in named])
+def _frozen(model: nn.Module, named: list[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
+    """The parameters the optimizer does not take (requires_grad False and no projected-gradient companion)."""
+    taken = {name for name, _ in named}
+    skip = {id(companion) for _, companion in companions_of(model).values()}
+    return [(n, p) for n, p in model.named_parameters() if n not in taken and id(p) not in skip]
+
+
+def _frozen_targets(
+    named: list[tuple[str, nn.Parameter]], frozen: list[tuple[str, nn.Parameter]], targets: list[str]
+) -> tuple[str, ...]:
+    """The target patterns whose first-match parameters are all frozen (listed as such in the group table)."""
+    if not frozen:
+        return ()
+    candidates = [name for name, param in [*named, *frozen] if param.dim() == 2]
+    chosen = match_targets(candidates, targets, "2-D parameter")
+    trainable = {name for name, _ in named}
+    by_pattern: dict[str, list[str]] = {}
+    for name, pattern in chosen.items():
+        by_pattern.setdefault(pattern, []).append(name)
+    return tuple(p for p in targets if p in by_pattern and not trainable.intersection(by_pattern[p]))
+
+
+def _table(
+    rows: tuple[TableRow, ...],
+    frozen: list[tuple[str, nn.Parameter]],
+    frozen_targets: tuple[str, ...] = (),
+    seed: int | None = None,
+    seed_source: str | None = None,
+) -> GroupTable:
+    return GroupTable(
+        rows, seed, seed_source, frozen=tuple((n, tuple(p.shape)) for n, p in frozen), frozen_targets=frozen_targets
+    )
+
+
+def _decay(named: list[tuple[str, nn.Parameter]], cfg: OptimizerConfig, everything: list[str]) -> dict[str, bool]:
+    """name -> whether it decays; a ``no_decay`` pattern that matches no parameter of the model (``everything``,
+    frozen ones included) is an error."""
+    unused = unmatched(cfg.no_decay, everything)
     if unused:
         sample = ", ".join(name for name, _ in named[:6])
         raise ValueError(
@@ -143,7 +190,7 @@ def lowrank_plan(
     if cfg.name != "lowrank":
         return []
     named = _trainable(model)
-    chosen = _assign(named, cfg.lowrank.targets)
+    chosen = _assign(named, cfg.lowrank.targets, _frozen(model, named))
     _check_ranks(named, chosen, cfg.lowrank.rank)
     low = cfg.lowrank
     return [(n, p, low.rank, resolve_side(tuple(p.shape), low.side)) for n, p in named if n in chosen]
@@ -184,9 +231,8 @@ def _poet_optimizer(
         *_groups(rest, set(), decay, cfg),
     ]
     optimizer = _adamw(groups, cfg)
-    frozen = tuple((n, tuple(p.shape)) for n, p in model.named_parameters() if not p.requires_grad)
     rows = _adamw_rows(named, groups, cfg, module_types([n for n, _ in poet]))
-    optimizer.group_table = GroupTable(rows, frozen=frozen)
+    optimizer.group_table = _table(rows, _frozen(model, named))
     return optimizer
 
 
@@ -230,7 +276,7 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | Mapping[str, Any
     projected = [name for name, _ in named if name in companions]
     if not named:
         raise ValueError("model has no trainable parameters")
-    decay = _decay(named, cfg)
+    decay = _decay(named, cfg, [name for name, _ in model.named_parameters()])
     if cfg.name == "adamw" and projected:
         raise ValueError(
             f"optimizer.name: adamw, but {projected[0]!r} and {len(projected) - 1} more weights have "
@@ -242,14 +288,18 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | Mapping[str, Any
         # fp32: torch's own AdamW, the reference baseline; bf16 / 8bit: the same update with compact moments.
         # target_lr_scale: the weights lowrank.targets names step at lr * scale (every pattern must match, as for
         # low-rank runs: a typo would silently give one learning rate)
-        targets = frozenset(_assign(named, cfg.lowrank.targets)) if cfg.target_lr_scale != 1.0 else frozenset()
+        frozen = _frozen(model, named)
+        scaled = cfg.target_lr_scale != 1.0
+        targets = frozenset(_assign(named, cfg.lowrank.targets, frozen)) if scaled else frozenset()
         groups = _groups(named, set(), decay, cfg, targets)
         optimizer = _adamw(groups, cfg)
-        optimizer.group_table = GroupTable(_adamw_rows(named, groups, cfg, {}))
+        frozen_targets = _frozen_targets(named, frozen, cfg.lowrank.targets) if scaled else ()
+        optimizer.group_table = _table(_adamw_rows(named, groups, cfg, {}), frozen, frozen_targets)
         return optimizer
 
     low = cfg.lowrank
-    chosen = _assign(named, low.targets)
+    frozen = _frozen(model, named)
+    chosen = _assign(named, low.targets, frozen)
     _check_ranks(named, chosen, low.rank)
     stray = [name for name in projected if name not in chosen]
     if stray:
@@ -282,7 +332,8 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | Mapping[str, Any
         schedule=cfg.refresh,
         **{**low.options(), "seed": seed.value},
     )
-    optimizer.group_table = GroupTable(tuple(rows), seed.value, seed.source)
+    frozen_targets = _frozen_targets(named, frozen, low.targets)
+    optimizer.group_table = _table(tuple(rows), frozen, frozen_targets, seed.value, seed.source)
     for name, param in named:  # companions registered before the optimizer (lowrank.projected.add_companions)
         if name in companions:
             optimizer.attach_companion(param, companions[name][1])

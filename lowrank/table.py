@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from lowrank.names import module_types
+
 
 @dataclasses.dataclass(frozen=True)
 class TableRow:
@@ -38,13 +40,16 @@ class GroupTable:
         rows: one per trainable parameter, in the model's order.
         seed: the run seed of the draws (None for a full-rank optimizer, which draws nothing).
         seed_source: where the seed came from: ``explicit``, ``PL_GLOBAL_SEED`` or ``default``.
-        frozen: (name, shape) of every parameter that does not train (POET's W0), in the model's order.
+        frozen: (name, shape) of every parameter that does not train (POET's W0, what ``model.trainable`` leaves
+            out), in the model's order.
+        frozen_targets: low-rank target patterns that matched only frozen parameters.
     """
 
     rows: tuple[TableRow, ...]
     seed: int | None = None
     seed_source: str | None = None
     frozen: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    frozen_targets: tuple[str, ...] = ()
 
     @property
     def trainable_elements(self) -> int:
@@ -97,11 +102,23 @@ class GroupTable:
         if self.frozen:
             text.append(
                 f"trainable: {self.trainable_elements:,} elements in {len(self.rows)} tensors; frozen (no gradient, no "
-                f"optimizer state): {self.frozen_elements:,} elements in {len(self.frozen)} tensors"
+                f"optimizer state): {self.frozen_elements:,} elements in {len(self.frozen)} tensors ("
+                + ", ".join(f"{kind} x{count}" for kind, count in _type_counts(self.frozen))
+                + ")"
             )
+        if self.frozen_targets:
+            text.append(f"low-rank targets matching only frozen parameters: {list(self.frozen_targets)}")
         if self.seed is not None:
             text.append(f"draw seed {self.seed} ({self.seed_source})")
         return "\n".join(text)
+
+
+def _type_counts(frozen: tuple[tuple[str, tuple[int, ...]], ...]) -> list[tuple[str, int]]:
+    """(module type, tensors) of the frozen parameters, in first-seen order."""
+    counts: dict[str, int] = {}
+    for kind in module_types([name for name, _ in frozen]).values():
+        counts[kind] = counts.get(kind, 0) + 1
+    return list(counts.items())
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -24,6 +24,7 @@ from lowrank.factory import build_optimizer
 from lowrank.overlap import OverlapMonitorOptions
 from lowrank.poet import apply_poet
 from lowrank.structured import from_mapping
+from lowrank.trainable import select_trainable, trainable_problems
 from lowrank_recipes.recipes.checkpoints import checkpoint_problem
 from lowrank_recipes.recipes.data.config import BUILTIN_SOURCES, EMBEDDED, DataConfig
 from lowrank_recipes.recipes.data.file_check import FileReport, preflight
@@ -398,6 +399,7 @@ def validate_run(run: RunConfig) -> None:
                 "checkpoint file, or a sharded checkpoint directory (fsdp2)"
             )
     problems += run.optimizer.problems("optimizer") + run.monitor.problems("monitor")
+    problems += trainable_problems(run.model.trainable) + _init_from_problems(run)
     if not problems:
         problems += _optimizer_problems(run)
     if problems:
@@ -640,16 +642,50 @@ def _length_problems(run: RunConfig, key: str, reports: list[FileReport]) -> lis
 
 
 def _optimizer_problems(run: RunConfig) -> list[str]:
-    """Builds the optimizer over the model on the meta device (no memory): catches ranks and target patterns."""
+    """Builds the optimizer over the model on the meta device (no memory): catches ranks, target and trainable
+    patterns."""
     with torch.device("meta"):
         model = Llama(run.model)
     try:
         if run.optimizer.name == "poet":
             apply_poet(model, run.optimizer.poet, run.optimizer.lowrank.targets, 0)
+        select_trainable(model, run.model.trainable)
         build_optimizer(model, run.optimizer)
     except ValueError as err:
         return [str(err)]
     return []
+
+
+def _init_from_problems(run: RunConfig) -> list[str]:
+    """``model.init_from``: the weights exist, load (mapped, not read, for a checkpoint file) and fit the model's
+    shape; POET then starts from them as W0 (``optimizer.poet.init: normal``)."""
+    path = run.model.init_from
+    if path is None:
+        return []
+    key = "model.init_from"
+    accepted = (
+        "accepted: a recipe checkpoint file or sharded checkpoint directory, a weights file of lowrank-diagnose, or "
+        "null (random initialisation)"
+    )
+    if not Path(path).exists():
+        return [f"{key}: {path!r} does not exist; {accepted}"]
+    problems = []
+    if run.optimizer.name == "poet" and run.optimizer.poet.init != "normal":
+        problems.append(
+            f"{key}: with optimizer.name=poet the loaded weights become W0 only with optimizer.poet.init=normal "
+            f"(now {run.optimizer.poet.init!r}, which draws a new W0); accepted with init_from: normal"
+        )
+    from lowrank_recipes.recipes.weights import check_compatible, load_model_weights  # only with init_from
+
+    try:
+        weights = load_model_weights(path)
+    except (ValueError, OSError, RuntimeError) as err:
+        return [*problems, f"{key}: {err}"]
+    mismatch = check_compatible(weights.state, run.model)
+    if mismatch:
+        shown = "; ".join(mismatch[:5]) + (f"; and {len(mismatch) - 5} more" if len(mismatch) > 5 else "")
+        problems.append(f"{key}: the weights in {path!r} do not fit model.* ({shown}); {accepted} of the same shape")
+    return problems
 
 
 def projected_problems(run: RunConfig) -> list[str]:

@@ -43,6 +43,14 @@ class LlamaConfig:
         compile: compile each decoder block in place with ``nn.Module.compile()`` (torch.compile; the
             state-dict keys stay those of an uncompiled model, so checkpoints move freely between the two). The
             recipe's LightningModule does it in ``configure_model``; a bare ``Llama`` ignores it.
+        init_from: start from these weights instead of the random initialisation (a recipe checkpoint file, a
+            sharded checkpoint directory, or a weights file of ``lowrank-diagnose merge | destroy``): weights only,
+            a new optimizer, step 0, the config's shape (a mismatch is refused before anything is written). A
+            resumed run restores its checkpoint's weights instead. The recipe's LightningModule loads it; a bare
+            ``Llama`` ignores it.
+        trainable: which parameters train (``lowrank.trainable``): null for all, else preset names (``all``,
+            ``companions``, ``sfn_oproj``, ``attention``, ``mlp``) and regular expressions on parameter names;
+            the rest is frozen (no gradient, no optimizer state). A bare ``Llama`` ignores it.
     """
 
     vocab_size: int
@@ -56,6 +64,8 @@ class LlamaConfig:
     activation_checkpointing: bool = False
     init_std: float = 0.02
     compile: bool = False
+    init_from: str | None = None
+    trainable: list[str] | None = None
 
     def __post_init__(self) -> None:
         problems = []

@@ -22,6 +22,7 @@ from torchmetrics.text import Perplexity
 from lowrank import build_optimizer, optimizer_config_from_dict
 from lowrank.poet import apply_poet
 from lowrank.randomness import resolve_seed
+from lowrank.trainable import select_trainable
 from lowrank_recipes.recipes.model import Llama, LlamaConfig, causal_lm_loss
 from lowrank_recipes.recipes.schedule import WarmupCosine
 
@@ -51,9 +52,13 @@ class LlamaPretrainModule(pl.LightningModule):
         self.save_hyperparameters()
         self.model_config = LlamaConfig(**model)
         self.model = Llama(self.model_config)
+        if self.model_config.init_from is not None:  # weights only; a resumed run's checkpoint replaces them
+            self.model.load_state_dict(initial_weights(self.model_config))
         config = optimizer_config_from_dict(optimizer)
         if config.name == "poet":  # W = R W0 P on the target linears, before any wrapper and before the optimizer
             apply_poet(self.model, config.poet, config.lowrank.targets, resolve_seed(config.lowrank.seed).value)
+        # model.trainable: the rest gets requires_grad=False before the optimizer (and DDP / FSDP2) see the parameters
+        self.trainable = select_trainable(self.model, self.model_config.trainable)
         self.val_ppl = Perplexity()
         self.group_table: str | None = None
 
@@ -157,6 +162,18 @@ class LlamaPretrainModule(pl.LightningModule):
         digest = getattr(self.trainer.datamodule, "corpus_hash", None)
         if digest is not None:
             logger.experiment.add_text("data/corpus_sha256", digest, 0)
+
+
+def initial_weights(config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """The weights of ``config.init_from`` for a ``Llama(config)`` (keys of its state dict), checked against its
+    shapes."""
+    from lowrank_recipes.recipes.weights import check_compatible, load_model_weights
+
+    weights = load_model_weights(config.init_from)
+    problems = check_compatible(weights.state, config)
+    if problems:
+        raise ValueError(f"model.init_from: the weights in {config.init_from!r} do not fit: " + "; ".join(problems))
+    return weights.state
 
 
 def module_kwargs(run: Any) -> dict[str, Any]:

@@ -48,6 +48,10 @@ RESUME_RULES: dict[str, Rule] = {
     "model": _MODEL,
     "model.activation_checkpointing": Rule("apply", "recomputes activations in backward; same numbers"),
     "model.compile": Rule("apply", "compiles the decoder blocks (or not); the same state-dict keys and draws"),
+    "model.init_from": Rule("apply", "not read on resume: the checkpoint's weights are restored"),
+    "model.trainable": Rule(
+        "refuse", "the optimizer state holds exactly the trainable parameters, and the frozen ones hold no state"
+    ),
     "optimizer.lowrank.projected_gradients": Rule(
         "apply", "backward forms the projected gradients from here on (or no longer); same numbers, same checkpoints"
     ),
