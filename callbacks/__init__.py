@@ -13,6 +13,9 @@ time, watch and log it.
   the full gradient only on refresh steps; one device, DDP or FSDP2.
 * :class:`POETMerges`: merges a POET model's rotations into its fixed weights on schedule (W0 <- R W0 P, lowrank.poet)
   and logs the orthogonality error, the generators' norm and the spectrum drift.
+* :class:`ModuleDeltaMonitor`: how far each module type and layer moved from a reference (the run's start or a
+  checkpoint): L2 and relative change, share of the squared change, histograms and bimodality of the element-wise
+  relative change, a heatmap (lowrank.module_delta).
 * :class:`FiniteLossGuard`: stops the run at the first non-finite loss, before the optimizer step (ranks agree).
 * :class:`GracefulStop`: on SIGTERM or SIGINT, saves the step's checkpoint at the next optimizer-step boundary and
   stops with :class:`RunStopped` (exit status 143 / 130); a second Ctrl+C stops at once.
@@ -35,6 +38,7 @@ the losses then differed from the uninterrupted run's by up to 0.235).
 from lowrank_recipes.callbacks.atomic_checkpoint import AtomicModelCheckpoint, CheckpointWriteError
 from lowrank_recipes.callbacks.finite_loss import FiniteLossGuard, NonFiniteError
 from lowrank_recipes.callbacks.graceful_stop import GracefulStop, RunStopped
+from lowrank_recipes.callbacks.module_delta import ModuleDeltaMonitor
 from lowrank_recipes.callbacks.overlap_monitor import SubspaceOverlapMonitor
 from lowrank_recipes.callbacks.per_layer import PerLayerUpdates
 from lowrank_recipes.callbacks.poet import POETMerges
@@ -48,6 +52,7 @@ __all__ = [
     "CheckpointWriteError",
     "FiniteLossGuard",
     "GracefulStop",
+    "ModuleDeltaMonitor",
     "NonFiniteError",
     "OptimizerStatePrecision",
     "POETMerges",

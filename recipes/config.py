@@ -29,6 +29,7 @@ from lowrank_recipes.recipes.checkpoints import checkpoint_problem
 from lowrank_recipes.recipes.data.config import BUILTIN_SOURCES, EMBEDDED, DataConfig
 from lowrank_recipes.recipes.data.file_check import FileReport, preflight
 from lowrank_recipes.recipes.data.formats import file_kind, kinds_problem
+from lowrank_recipes.recipes.delta_config import DeltaMonitorConfig
 from lowrank_recipes.recipes.model import Llama, LlamaConfig
 
 # The shipped configs: package data of lowrank_recipes.configs (the repository's configs/ in an editable install).
@@ -142,6 +143,8 @@ class RunConfig:
         schedule: learning-rate schedule.
         monitor: subspace-overlap monitoring of a low-rank run (``lowrank.overlap.OverlapMonitorOptions``; the
             ``SubspaceOverlapMonitor`` callback).
+        delta: per-module weight change against a reference (``DeltaMonitorConfig``; the ``ModuleDeltaMonitor``
+            callback), off unless ``delta.every_n_steps`` is set.
         trainer: Lightning Trainer settings.
         out_dir: where TensorBoard logs, checkpoints and the resolved config go.
         seed: seeds model init and, unless ``data.seed`` / ``optimizer.lowrank.seed`` are set, the data order and
@@ -167,6 +170,7 @@ class RunConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     monitor: OverlapMonitorOptions = dataclasses.field(default_factory=OverlapMonitorOptions)
+    delta: DeltaMonitorConfig = dataclasses.field(default_factory=DeltaMonitorConfig)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     out_dir: str = "runs/default"
     seed: int = 0
@@ -398,7 +402,7 @@ def validate_run(run: RunConfig) -> None:
                 f"resume: {run.resume!r} is not a usable checkpoint ({problem}); accepted: auto | never | a complete "
                 "checkpoint file, or a sharded checkpoint directory (fsdp2)"
             )
-    problems += run.optimizer.problems("optimizer") + run.monitor.problems("monitor")
+    problems += run.optimizer.problems("optimizer") + run.monitor.problems("monitor") + run.delta.problems("delta")
     problems += trainable_problems(run.model.trainable) + _init_from_problems(run)
     if not problems:
         problems += _optimizer_problems(run)

@@ -55,6 +55,7 @@ RESUME_RULES: dict[str, Rule] = {
     "optimizer.lowrank.projected_gradients": Rule(
         "apply", "backward forms the projected gradients from here on (or no longer); same numbers, same checkpoints"
     ),
+    "delta": Rule("apply", "monitoring only; a monitor switched on now takes this start as its reference"),
     # the data: only validation and caching may change
     "data": _DATA,
     "data.val_sequences": Rule("apply", "validation from here on uses the new number of sequences"),

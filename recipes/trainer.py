@@ -132,6 +132,7 @@ def build_trainer(run: RunConfig, callbacks: list[pl.Callback] | None = None) ->
             ThroughputMonitor(batch_size_fn=_sequences, length_fn=_tokens, window_size=10),
             OptimizerStatePrecision(),
             *subspace_callbacks(run),
+            *([run.delta.callback()] if run.delta.every_n_steps is not None else []),
             *(callbacks or []),
         ],
         default_root_dir=str(out),
