@@ -1,6 +1,6 @@
 """Which modules a training method moves, and which matter: the SfN stethoscopes on this project's own runs.
 
-    python bench/sfn_study.py --work-dir W --out-dir docs/results   # about 20 minutes on 2 CPU cores
+    python bench/sfn_study.py --work-dir W --out-dir docs/results   # about 11 minutes on 2 CPU cores
     python bench/sfn_study.py --quick --work-dir W --out-dir OUT     # tiny model, a minute (a test runs it)
 
 1. **Base.** The embedded default recipe as shipped (SARA, 800 steps) pretrains model A on the standard library's
