@@ -37,12 +37,24 @@ def _model_state(path: Path) -> dict[str, torch.Tensor]:
     return {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "lowrank"])
-def test_init_from_and_sfn_oproj_train_only_o_proj_and_companions(base: Path, tmp_path: Path, optimizer: str) -> None:
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        ["optimizer.name=adamw"],
+        ["optimizer.name=lowrank"],
+        ["optimizer.name=lowrank", "optimizer.lowrank.projected_gradients=true"],
+        ["optimizer.name=lowrank", "trainer.per_layer_updates=true"],
+        ["optimizer.name=adamw", "optimizer.state_precision=8bit"],
+    ],
+    ids=["adamw", "lowrank", "projected", "per-layer", "adamw-8bit"],
+)
+def test_init_from_and_sfn_oproj_train_only_o_proj_and_companions(
+    base: Path, tmp_path: Path, optimizer: list[str]
+) -> None:
     out = tmp_path / "tuned"
     overrides = [
         *TINY,
-        f"optimizer.name={optimizer}",
+        *optimizer,
         f"model.init_from={base}",
         "model.trainable=[sfn_oproj]",
         "trainer.max_steps=5",
@@ -61,8 +73,10 @@ def test_init_from_and_sfn_oproj_train_only_o_proj_and_companions(base: Path, tm
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 5  # step 0 with a new optimizer, not the base run's step 6
     states = checkpoint["optimizer_states"][0]
-    held = [i for group in states["param_groups"] for i in group["params"]]
+    held = [i for group in states["param_groups"] if not group.get("companions") for i in group["params"]]
     assert len(held) == len(trained)  # the optimizer took exactly the trainable tensors
+    companions = [i for group in states["param_groups"] if group.get("companions") for i in group["params"]]
+    assert len(companions) == (2 if "optimizer.lowrank.projected_gradients=true" in optimizer else 0)  # o_proj only
     assert all(i in held for i in states["state"])
     table = _scalars(out)
     assert "text:optimizer/groups/text_summary" in table
