@@ -32,8 +32,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Device {meta['device']}, torch {meta['torch']}, {meta['date']}. Base: the default recipe, "
         f"{s['base_steps']} steps on the docstring corpus; continued runs: {s['steps']} steps on the standard "
         f"library's source code with the base's tokenizer, from the base's weights (one seed each). Validation: "
-        f"{s['validation_sequences']['own']} batches of the base corpus ('own'), {s['validation_sequences']['code']} "
-        "of the code corpus.",
+        f"{s['validation_sequences']['own']} sequences of the base corpus ('own'), "
+        f"{s['validation_sequences']['code']} of the code corpus.",
         "",
         "## Validation loss",
         "",

@@ -47,6 +47,7 @@ from lowrank_recipes.recipes.config import load_run_config
 from lowrank_recipes.recipes.data.datamodule import PretrainDataModule
 from lowrank_recipes.recipes.data.tokenizer import embedded_tokenizer_path
 from lowrank_recipes.recipes.model import LlamaConfig
+from lowrank_recipes.recipes.resume_config import config_changes, stored_config
 from lowrank_recipes.recipes.validation_loss import ValidationBatches, validation_loss
 from lowrank_recipes.recipes.weights import load_model_weights
 
@@ -87,17 +88,25 @@ QUICK = (
 STD = 0.02  # the recipe's init_std: what "re-initialise" draws from
 
 
-def _done(out: Path, steps: int) -> bool:
+def _done(out: Path, overrides: list[str]) -> bool:
+    """Whether ``out`` holds this very run, finished: its last checkpoint's resolved config is the one these
+    overrides resolve to (not only the same step: changed learning rates or a changed base retrain)."""
     last = out / "checkpoints" / "last.ckpt"
-    return last.exists() and torch.load(last, weights_only=True, mmap=True)["global_step"] == steps
+    if not last.exists():
+        return False
+    _, resolved = load_run_config("default", overrides)
+    stored, step, _ = stored_config(last)
+    changes, one_sided = config_changes(stored or {}, resolved)
+    return stored is not None and step == resolved["trainer"]["max_steps"] and not changes and not one_sided
 
 
 def _train(out: Path, overrides: list[str], steps: int, log: Path) -> float:
     """One recipe run in its own process (one thread); returns its seconds (0 when reused)."""
-    if _done(out, steps):
+    overrides = [*overrides, f"trainer.max_steps={steps}", f"out_dir={out}"]
+    if _done(out, overrides):
         return 0.0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(PRETRAIN), *overrides, f"trainer.max_steps={steps}", f"out_dir={out}"]
+    command = [sys.executable, str(PRETRAIN), *overrides]
     start = time.perf_counter()
     with log.open("w") as handle:
         done = subprocess.run(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
@@ -196,7 +205,10 @@ def main() -> None:
             "continued": {name: list(extra) for name, extra in CONTINUED.items()},
             "common": common,
             "tokenizer": str(tokenizer),
-            "validation_sequences": {"own": len(base_val.batches), "code": len(code_val.batches)},
+            "validation_sequences": {
+                name: sum(int(batch["input_ids"].shape[0]) for batch in batches.batches)
+                for name, batches in (("own", base_val), ("code", code_val))
+            },
         },
         "seconds": seconds,
         "total_seconds": time.perf_counter() - started,

@@ -28,19 +28,12 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lowrank.names import layer_label, module_types
+from lowrank.checks import check, is_number, join_accepted
+from lowrank.names import layer_index, layer_label, module_types
 from lowrank.randomness import draw_generator
 
 DESTROY_MODES: tuple[str, ...] = ("zero", "reinit")
 Layers = range | Sequence[int]
-
-
-def layer_index(name: str) -> int | None:
-    """The decoder block of a parameter (``layers.3.mlp.up_proj.weight`` -> 3): the last component of
-    :func:`lowrank.names.layer_label` when numeric; None outside the blocks (``embed_tokens.weight``, ``norm.weight``).
-    """
-    last = layer_label(name).rsplit(".", 1)[-1]
-    return int(last) if last.isdigit() else None
 
 
 def num_layers_of(names: Iterable[str]) -> int:
@@ -156,6 +149,15 @@ def merge_modules(
     return merged, chosen
 
 
+def _check_destroy(how: str, std: float) -> None:
+    problems = [
+        *check(how in DESTROY_MODES, "how", how, f"{join_accepted(DESTROY_MODES)} (remove: remove_layers)"),
+        *check(is_number(std) and std > 0, "std", std, "a finite number > 0"),
+    ]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def destroy(
     state: Mapping[str, Tensor],
     patterns: Sequence[str],
@@ -174,10 +176,7 @@ def destroy(
     Raises:
         ValueError: ``how`` not in :data:`DESTROY_MODES`; ``std`` not > 0; as :func:`select`.
     """
-    if how not in DESTROY_MODES:
-        raise ValueError(f"how: invalid value {how!r}; accepted: {' | '.join(DESTROY_MODES)} (remove: remove_layers)")
-    if not (isinstance(std, (int, float)) and std > 0):
-        raise ValueError(f"std: invalid value {std!r}; accepted: a number > 0")
+    _check_destroy(how, std)
     chosen = select(state, patterns, layers)
     return destroy_names(state, chosen, how, seed, std), chosen
 
@@ -191,10 +190,7 @@ def destroy_names(
     Raises:
         ValueError: ``how`` not in :data:`DESTROY_MODES`; ``std`` not > 0; a name that is not a key of ``state``.
     """
-    if how not in DESTROY_MODES:
-        raise ValueError(f"how: invalid value {how!r}; accepted: {' | '.join(DESTROY_MODES)} (remove: remove_layers)")
-    if not (isinstance(std, (int, float)) and std > 0):
-        raise ValueError(f"std: invalid value {std!r}; accepted: a number > 0")
+    _check_destroy(how, std)
     picked = set(names)
     unknown = sorted(picked - set(state))
     if unknown:

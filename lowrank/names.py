@@ -1,5 +1,5 @@
-"""What a parameter's name says: its module type and its layer. The one rule every consumer uses (the overlap
-monitor's tags and heatmap, the group table, later diagnostics).
+"""What a parameter's name says: its module type and its layer (its label, and its index in the decoder blocks).
+The one rule every consumer uses (the overlap monitor's tags and heatmap, the group table, the module diagnostics).
 
 Module type: the module path of the parameter (its name without the last component, wrapper components such as
 ``_orig_mod`` dropped, :func:`lowrank.normalize_param_name`), without numeric components (layer indices), so that
@@ -56,6 +56,13 @@ def layer_label(name: str) -> str:
     if numeric:
         parts = parts[: numeric[-1] + 1]
     return ".".join(parts) or "model"
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder block of a parameter (``layers.3.mlp.up_proj.weight`` -> 3): the last component of
+    :func:`layer_label` when numeric; None outside the blocks (``embed_tokens.weight``, ``norm.weight``)."""
+    last = layer_label(name).rsplit(".", 1)[-1]
+    return int(last) if last.isdigit() else None
 
 
 def lowrank_param_names(param_groups: Iterable[dict]) -> list[str]:

@@ -198,9 +198,10 @@ def merge_poet(
                 f"POET merge before step {step}: {worst} has orthogonality error {errors[worst]:.3g} "
                 f"(max ||Q||_2 = {q_norm:.3g}; the Cayley-Neumann series needs ||Q||_2 < 1), above "
                 f"optimizer.poet.max_merge_error = {config.max_merge_error}: folding it into W0 would change the "
-                "weight's singular values for good. Nothing was merged. Lower optimizer.poet.lr, merge more often "
-                "(optimizer.poet.merge_every) or raise optimizer.poet.neumann_terms; accepted for max_merge_error: a "
-                "finite number > 0"
+                "weight's singular values for good. Nothing was merged. Resume with a lower optimizer.poet.lr or more "
+                "frequent merges (optimizer.poet.merge_every; both may change on resume); a new run may also use "
+                "smaller blocks (optimizer.poet.block_size); more neumann_terms help only below ||Q||_2 = 1. Accepted "
+                "for max_merge_error: a finite number > 0"
             )
     merged = []
     for name, layer in due:

@@ -1,6 +1,7 @@
 """Target patterns (``optimizer.lowrank.targets``): which named tensors a rule applies to.
 
-One rule for the low-rank optimizer (:mod:`lowrank.factory`) and POET (:mod:`lowrank.poet`): each pattern is a
+One rule for the low-rank optimizer (:mod:`lowrank.factory`), POET (:mod:`lowrank.poet`) and the trainable
+selection (:mod:`lowrank.trainable`): each pattern is a
 regular expression searched (``re.search``) in the candidate names, the first pattern that matches a name wins, and a
 pattern that matches no candidate is an error (a typo would silently leave weights out).
 """
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 KEY = "optimizer.lowrank.targets"
 
 
-def match_targets(names: Sequence[str], patterns: Sequence[str], nothing: str) -> dict[str, str]:
+def match_targets(names: Sequence[str], patterns: Sequence[str], nothing: str, key: str = KEY) -> dict[str, str]:
     """name -> the first pattern that matches it, for every name some pattern matches (in ``names``' order).
 
     Args:
@@ -21,6 +22,7 @@ def match_targets(names: Sequence[str], patterns: Sequence[str], nothing: str) -
         patterns: regular expressions.
         nothing: the end of the error for unused patterns, after "match no " (what the candidates are and what is
             accepted).
+        key: the config key the patterns come from, named in every error (``model.trainable`` uses the same rule).
 
     Raises:
         ValueError: a pattern is not a regular expression, or matches none of ``names``.
@@ -30,7 +32,7 @@ def match_targets(names: Sequence[str], patterns: Sequence[str], nothing: str) -
         try:
             compiled.append((pattern, re.compile(pattern)))
         except re.error as err:
-            raise ValueError(f"{KEY}: {pattern!r} is not a regular expression ({err})") from None
+            raise ValueError(f"{key}: {pattern!r} is not a regular expression ({err})") from None
     chosen = {}
     for name in names:
         pattern = next((p for p, regex in compiled if regex.search(name)), None)
@@ -38,5 +40,5 @@ def match_targets(names: Sequence[str], patterns: Sequence[str], nothing: str) -
             chosen[name] = pattern
     unused = [p for p, _ in compiled if p not in chosen.values()]
     if unused:
-        raise ValueError(f"{KEY}: pattern(s) {unused} match no {nothing}")
+        raise ValueError(f"{key}: pattern(s) {unused} match no {nothing}")
     return chosen

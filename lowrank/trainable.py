@@ -17,7 +17,8 @@ parameter names (``layers.3.self_attn.o_proj.weight``). Presets:
 Every other parameter gets ``requires_grad = False``: no gradient, and an optimizer built afterwards
 (:func:`lowrank.build_optimizer`) holds no state for it. A parameter that was already frozen (POET's W0) stays
 frozen: the selection only ever freezes. Each regular expression, and the module-type part of each preset, must
-select at least one parameter: a typo would silently freeze what was meant to train. Under POET
+select at least one parameter (the target-pattern rule, :func:`lowrank.targets.match_targets`): a typo would silently
+freeze what was meant to train. Under POET
 (:func:`lowrank.poet.apply_poet` first) the entries select the generators by their layer's name
 (``o_proj`` selects ``layers.3.self_attn.o_proj.q_out`` and ``.q_in``).
 """
@@ -29,6 +30,8 @@ import re
 from collections.abc import Sequence
 
 from torch import nn
+
+from lowrank.targets import match_targets
 
 KEY = "model.trainable"
 _COMPANIONS = "companions"
@@ -52,29 +55,17 @@ class TrainableSelection:
 
 
 def trainable_problems(entries: Sequence[str] | None, key: str = KEY) -> list[str]:
-    """What is wrong with ``entries`` before any model exists: not a list of strings, an invalid expression."""
+    """What is wrong with ``entries`` before any model exists: not a non-empty list of non-empty strings. (Whether
+    each is a regular expression that selects something is :func:`select_trainable`'s check, on the model.)"""
     if entries is None:
         return []
-    if isinstance(entries, str) or not isinstance(entries, Sequence) or not entries:
-        return [
-            f"{key}: invalid value {entries!r}; accepted: null (everything trains) or a non-empty list of preset names "
-            f"({' | '.join(TRAINABLE_PRESETS)}) and regular expressions"
-        ]
-    problems = []
-    for entry in entries:
-        if not isinstance(entry, str) or not entry:
-            problems.append(f"{key}: entry {entry!r} is not a preset name or a regular expression")
-            continue
-        if entry in TRAINABLE_PRESETS:
-            continue
-        try:
-            re.compile(entry)
-        except re.error as err:
-            problems.append(
-                f"{key}: {entry!r} is neither a preset ({' | '.join(TRAINABLE_PRESETS)}) nor a regular expression "
-                f"({err})"
-            )
-    return problems
+    ok = not isinstance(entries, str) and isinstance(entries, Sequence) and bool(entries)
+    if ok and all(isinstance(entry, str) and entry for entry in entries):
+        return []
+    return [
+        f"{key}: invalid value {entries!r}; accepted: null (everything trains) or a non-empty list of preset names "
+        f"({' | '.join(TRAINABLE_PRESETS)}) and regular expressions"
+    ]
 
 
 def is_companion(name: str, module: nn.Module, param: nn.Parameter) -> bool:
@@ -115,26 +106,20 @@ def select_trainable(model: nn.Module, entries: Sequence[str] | None) -> Trainab
             tuple(n for n, p in named if p.requires_grad), tuple(n for n, p in named if not p.requires_grad)
         )
     owners = _owners(model)
-    patterns = [(entry, p) for entry in entries for p in TRAINABLE_PRESETS.get(entry, (entry,))]
-    companions = any(entry in _WITH_COMPANIONS for entry in entries)
-    compiled = [(entry, pattern, re.compile(pattern)) for entry, pattern in patterns]
-    selected, used = set(), set()
-    for name, param in named:
-        for entry, pattern, regex in compiled:
-            if regex.search(name):
-                selected.add(name)
-                used.add((entry, pattern))
-        if companions and is_companion(name, owners[name], param):
-            selected.add(name)
-    unused = [f"{entry!r}" + (f" ({pattern!r})" if entry != pattern else "") for entry, pattern, _ in compiled]
-    unused = [text for (entry, pattern, _), text in zip(compiled, unused) if (entry, pattern) not in used]
-    if unused:
-        sample = ", ".join(name for name, _ in named[:6])
-        raise ValueError(
-            f"{KEY}: {', '.join(unused)} select(s) no parameter; parameter names look like: {sample}, ...; accepted: "
-            f"preset names ({' | '.join(TRAINABLE_PRESETS)}) and regular expressions that match at least one "
-            "parameter name"
+    # presets may share module types (sfn_oproj, attention): each pattern once
+    patterns = list(dict.fromkeys(p for entry in entries for p in TRAINABLE_PRESETS.get(entry, (entry,))))
+    sample = ", ".join(name for name, _ in named[:6])
+    selected = set(
+        match_targets(
+            [name for name, _ in named],
+            patterns,
+            f"parameter; parameter names look like: {sample}, ...; accepted: preset names "
+            f"({' | '.join(TRAINABLE_PRESETS)}) and regular expressions that match at least one parameter name",
+            key=KEY,
         )
+    )
+    if any(entry in _WITH_COMPANIONS for entry in entries):
+        selected |= {name for name, param in named if is_companion(name, owners[name], param)}
     for name, param in named:
         if name not in selected:
             param.requires_grad_(False)

@@ -25,7 +25,7 @@ from lowrank.overlap import OverlapMonitorOptions
 from lowrank.poet import apply_poet
 from lowrank.structured import from_mapping
 from lowrank.trainable import select_trainable, trainable_problems
-from lowrank_recipes.recipes.checkpoints import checkpoint_problem
+from lowrank_recipes.recipes.checkpoints import LAST, checkpoint_problem, step_checkpoints
 from lowrank_recipes.recipes.data.config import BUILTIN_SOURCES, EMBEDDED, DataConfig
 from lowrank_recipes.recipes.data.file_check import FileReport, preflight
 from lowrank_recipes.recipes.data.formats import file_kind, kinds_problem
@@ -346,6 +346,12 @@ def validate_run(run: RunConfig) -> None:
             f"trainer.per_layer_updates: needs optimizer.name=lowrank; accepted with {run.optimizer.name}: false"
         )
     problems += projected_problems(run)
+    if run.delta.every_n_steps is not None and run.optimizer.name == "poet":
+        problems.append(
+            "delta.every_n_steps: not supported with optimizer.name=poet (the weights are W = R W0 P, not parameters); "
+            "accepted with poet: null; compare POET checkpoints with lowrank-diagnose delta, which reads them as their "
+            "effective weights"
+        )
     if t.strategy == "fsdp2":
         if run.optimizer.name == "poet":
             problems.append(
@@ -660,35 +666,36 @@ def _optimizer_problems(run: RunConfig) -> list[str]:
     return []
 
 
+def _will_resume(run: RunConfig) -> bool:
+    """Whether this start continues a checkpoint (as ``recipes.trainer.resume_path`` decides, without checking it)."""
+    if run.resume in ("never", "auto"):
+        folder = Path(run.out_dir) / "checkpoints"
+        return run.resume == "auto" and (os.path.lexists(folder / LAST) or bool(step_checkpoints(folder)))
+    return True
+
+
 def _init_from_problems(run: RunConfig) -> list[str]:
     """``model.init_from``: the weights exist, load (mapped, not read, for a checkpoint file) and fit the model's
-    shape; POET then starts from them as W0 (``optimizer.poet.init: normal``)."""
+    shape; POET then starts from them as W0 (``optimizer.poet.init: normal``). Not read when the run resumes (its
+    checkpoint's weights are restored)."""
     path = run.model.init_from
-    if path is None:
+    if path is None or _will_resume(run):
         return []
+    from lowrank_recipes.recipes.weights import ACCEPTED, WeightsError, initial_weights  # only with init_from
+
     key = "model.init_from"
-    accepted = (
-        "accepted: a recipe checkpoint file or sharded checkpoint directory, a weights file of lowrank-diagnose, or "
-        "null (random initialisation)"
-    )
     if not Path(path).exists():
-        return [f"{key}: {path!r} does not exist; {accepted}"]
+        return [f"{key}: {path!r} does not exist; accepted: {ACCEPTED}, or null (random initialisation)"]
     problems = []
     if run.optimizer.name == "poet" and run.optimizer.poet.init != "normal":
         problems.append(
             f"{key}: with optimizer.name=poet the loaded weights become W0 only with optimizer.poet.init=normal "
             f"(now {run.optimizer.poet.init!r}, which draws a new W0); accepted with init_from: normal"
         )
-    from lowrank_recipes.recipes.weights import check_compatible, load_model_weights  # only with init_from
-
     try:
-        weights = load_model_weights(path)
-    except (ValueError, OSError, RuntimeError) as err:
-        return [*problems, f"{key}: {err}"]
-    mismatch = check_compatible(weights.state, run.model)
-    if mismatch:
-        shown = "; ".join(mismatch[:5]) + (f"; and {len(mismatch) - 5} more" if len(mismatch) > 5 else "")
-        problems.append(f"{key}: the weights in {path!r} do not fit model.* ({shown}); {accepted} of the same shape")
+        initial_weights(path, run.model, key)
+    except (WeightsError, OSError, RuntimeError) as err:
+        problems.append(str(err))
     return problems
 
 

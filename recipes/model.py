@@ -44,7 +44,8 @@ class LlamaConfig:
             state-dict keys stay those of an uncompiled model, so checkpoints move freely between the two). The
             recipe's LightningModule does it in ``configure_model``; a bare ``Llama`` ignores it.
         init_from: start from these weights instead of the random initialisation (a recipe checkpoint file, a
-            sharded checkpoint directory, or a weights file of ``lowrank-diagnose merge | destroy``): weights only,
+            sharded checkpoint directory, a weights file of ``lowrank-diagnose merge | destroy``, or Hugging Face
+            LLaMA safetensors: ``lowrank_recipes.recipes.weights``): weights only,
             a new optimizer, step 0, the config's shape (a mismatch is refused before anything is written). A
             resumed run restores its checkpoint's weights instead. The recipe's LightningModule loads it; a bare
             ``Llama`` ignores it.

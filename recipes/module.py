@@ -25,6 +25,7 @@ from lowrank.randomness import resolve_seed
 from lowrank.trainable import select_trainable
 from lowrank_recipes.recipes.model import Llama, LlamaConfig, causal_lm_loss
 from lowrank_recipes.recipes.schedule import WarmupCosine
+from lowrank_recipes.recipes.weights import initial_weights
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -43,17 +44,24 @@ class LlamaPretrainModule(pl.LightningModule):
         optimizer: ``lowrank.OptimizerConfig`` fields.
         schedule: ``lowrank_recipes.recipes.config.ScheduleConfig`` fields.
         max_steps: run length in optimizer steps (the schedule's horizon).
+        load_init_from: read ``model["init_from"]`` (False when the run resumes: the checkpoint's weights are
+            restored instead; not a hyperparameter).
     """
 
     def __init__(
-        self, model: dict[str, Any], optimizer: dict[str, Any], schedule: dict[str, Any], max_steps: int
+        self,
+        model: dict[str, Any],
+        optimizer: dict[str, Any],
+        schedule: dict[str, Any],
+        max_steps: int,
+        load_init_from: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["load_init_from"])
         self.model_config = LlamaConfig(**model)
         self.model = Llama(self.model_config)
-        if self.model_config.init_from is not None:  # weights only; a resumed run's checkpoint replaces them
-            self.model.load_state_dict(initial_weights(self.model_config))
+        if self.model_config.init_from is not None and load_init_from:  # weights only; not when resuming
+            self.model.load_state_dict(initial_weights(self.model_config.init_from, self.model_config))
         config = optimizer_config_from_dict(optimizer)
         if config.name == "poet":  # W = R W0 P on the target linears, before any wrapper and before the optimizer
             apply_poet(self.model, config.poet, config.lowrank.targets, resolve_seed(config.lowrank.seed).value)
@@ -162,18 +170,6 @@ class LlamaPretrainModule(pl.LightningModule):
         digest = getattr(self.trainer.datamodule, "corpus_hash", None)
         if digest is not None:
             logger.experiment.add_text("data/corpus_sha256", digest, 0)
-
-
-def initial_weights(config: LlamaConfig) -> dict[str, torch.Tensor]:
-    """The weights of ``config.init_from`` for a ``Llama(config)`` (keys of its state dict), checked against its
-    shapes."""
-    from lowrank_recipes.recipes.weights import check_compatible, load_model_weights
-
-    weights = load_model_weights(config.init_from)
-    problems = check_compatible(weights.state, config)
-    if problems:
-        raise ValueError(f"model.init_from: the weights in {config.init_from!r} do not fit: " + "; ".join(problems))
-    return weights.state
 
 
 def module_kwargs(run: Any) -> dict[str, Any]:

@@ -56,6 +56,9 @@ RESUME_RULES: dict[str, Rule] = {
         "apply", "backward forms the projected gradients from here on (or no longer); same numbers, same checkpoints"
     ),
     "delta": Rule("apply", "monitoring only; a monitor switched on now takes this start as its reference"),
+    "delta.names": Rule("refuse", "the snapshot in the checkpoint holds the parameters the old patterns chose"),
+    "delta.reference": Rule("refuse", "the checkpoint holds the snapshot of the old reference"),
+    "delta.snapshot_dtype": Rule("refuse", "the checkpoint holds the snapshot in the old dtype"),
     # the data: only validation and caching may change
     "data": _DATA,
     "data.val_sequences": Rule("apply", "validation from here on uses the new number of sequences"),

@@ -195,7 +195,7 @@ def fit(run: RunConfig, resolved: dict[str, Any], callbacks: list[pl.Callback] |
         save_resolved_config(run.out_dir, resolved)
         pl.seed_everything(run.seed, workers=True)
         datamodule = PretrainDataModule(run.data)
-        module = LlamaPretrainModule(**module_kwargs(run))
+        module = LlamaPretrainModule(**module_kwargs(run), load_init_from=checkpoint is None)
         trainer = build_trainer(run, [RunConfigInCheckpoint(resolved), *(callbacks or [])])
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lowrank.module_surgery import layer_index
+from lowrank.names import layer_index
 from lowrank.poet_cayley import generator_size
 from lowrank.poet_linear import POETLinear
 from lowrank_recipes.recipes.checkpoints import META, checkpoint_problem
@@ -174,6 +174,27 @@ def check_compatible(state: Mapping[str, Tensor], config: LlamaConfig) -> list[s
         if key in state and tuple(state[key].shape) != tuple(shape)
     ]
     return problems
+
+
+def initial_weights(path: str | os.PathLike, config: LlamaConfig, key: str = "model.init_from") -> dict[str, Tensor]:
+    """The weights at ``path`` for a ``Llama(config)`` (``model.init_from``): loaded, and checked to fit exactly.
+
+    Raises:
+        WeightsError: the weights cannot be read (the loader's message), or they do not fit ``config``: the message
+            names ``key``, the path, up to five mismatches (key, expected and found shape) and what is accepted.
+    """
+    try:
+        weights = load_model_weights(path)
+    except WeightsError as err:
+        raise WeightsError(f"{key}: {err}") from None
+    problems = check_compatible(weights.state, config)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise WeightsError(
+            f"{key}: the weights in {str(path)!r} do not fit model.* ({shown}); accepted: weights of the same shape "
+            "as model.* (" + ACCEPTED + ")"
+        )
+    return weights.state
 
 
 # ----------------------------------------------------------------------------------------------------------- loading

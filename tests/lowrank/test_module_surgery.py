@@ -206,8 +206,10 @@ def test_misuse_names_the_argument_and_the_accepted_values() -> None:
         select(state, [])
     with pytest.raises(ValueError, match=r"how: invalid value 'erase'; accepted: zero \| reinit"):
         destroy(state, ["q_proj"], "erase")
-    with pytest.raises(ValueError, match=r"std: invalid value 0; accepted: a number > 0"):
+    with pytest.raises(ValueError, match=r"std: invalid value 0; accepted: a finite number > 0"):
         destroy(state, ["q_proj"], "reinit", std=0)
+    with pytest.raises(ValueError, match=r"std: invalid value inf; accepted: a finite number > 0"):
+        destroy(state, ["q_proj"], "reinit", std=float("inf"))
     with pytest.raises(ValueError, match=r"would remove every one of the 4 layers"):
         remove_layers(state, range(0, 4), LAYERS)
     with pytest.raises(ValueError, match=r"num_layers: 3, but the state holds blocks 0\.\.3.*accepted: 4"):

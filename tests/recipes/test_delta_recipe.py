@@ -49,9 +49,14 @@ def test_a_fine_tuning_run_logs_module_change_against_its_start(tmp_path: Path) 
     assert "delta/heatmap" in events.Tags()["images"]
 
 
-def test_bad_delta_settings_are_refused_by_key(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"delta.snapshot_dtype: invalid value 'fp8'; accepted: float32 \| bfloat16"):
-        load_run_config(
-            "default", [*TINY, "delta.every_n_steps=2", "delta.snapshot_dtype=fp8", f"out_dir={tmp_path / 'r'}"]
-        )
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["delta.snapshot_dtype=fp8"], r"delta.snapshot_dtype: invalid value 'fp8'; accepted: float32 \| bfloat16"),
+        (["optimizer.name=poet"], r"delta.every_n_steps: not supported with optimizer.name=poet .* accepted with poet"),
+    ],
+)
+def test_bad_delta_settings_are_refused_by_key(tmp_path: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_run_config("default", [*TINY, "delta.every_n_steps=2", *overrides, f"out_dir={tmp_path / 'r'}"])
     assert not (tmp_path / "r").exists()

@@ -4,8 +4,10 @@ refuses a changed trainable set on resume, and refuses weights of another shape 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from lowrank_recipes.recipes.config import ConfigError, load_run_config
 from lowrank_recipes.recipes.module import LlamaPretrainModule, module_kwargs
 from lowrank_recipes.recipes.pretrain import main
 from lowrank_recipes.recipes.resume_config import check_resume
+from lowrank_recipes.recipes.trainer import fit
 
 from .test_pretrain import TINY, _scalars
 
@@ -91,10 +94,37 @@ def test_a_changed_trainable_set_is_refused_on_resume(base: Path, tmp_path: Path
         ConfigError, match=r"model.trainable \['sfn_oproj'\] -> \['attention'\]: the optimizer state holds exactly"
     ):
         check_resume(out / "checkpoints" / "last.ckpt", resolved)
-    # init_from may differ on resume (the checkpoint's weights are restored, it is not read)
-    _, same = load_run_config("default", [*common, "trainer.max_steps=6", "model.trainable=[sfn_oproj]"])
-    same["model"]["init_from"] = str(tmp_path / "elsewhere.ckpt")
-    check_resume(out / "checkpoints" / "last.ckpt", same)
+
+
+class _StopAt(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_a_resumed_run_does_not_read_init_from_and_continues_exactly(base: Path, tmp_path: Path) -> None:
+    start = tmp_path / "start.ckpt"
+    shutil.copyfile(base, start)
+    common = [*TINY, "optimizer.name=lowrank", f"model.init_from={start}", "model.trainable=[attention]"]
+    common += ["trainer.max_steps=6", "trainer.checkpoint_every_n_steps=4"]
+    full = tmp_path / "full"
+    run, resolved = load_run_config("default", [*common, f"out_dir={full}"])
+    fit(run, resolved)
+    split = tmp_path / "split"
+    run, resolved = load_run_config("default", [*common, f"out_dir={split}"])
+    fit(run, resolved, callbacks=[_StopAt(4)])
+    start.unlink()  # the file init_from names is gone: a resumed run must not need it
+    run, resolved = load_run_config("default", [*common, f"out_dir={split}"])  # validated without reading it
+    fit(run, resolved)
+    a = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(split / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 6
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    with pytest.raises(ConfigError, match=r"model.init_from: '.*start.ckpt' does not exist"):
+        load_run_config("default", [*common, f"out_dir={tmp_path / 'fresh'}"])  # a fresh start still needs it
 
 
 @pytest.mark.parametrize(
@@ -102,8 +132,8 @@ def test_a_changed_trainable_set_is_refused_on_resume(base: Path, tmp_path: Path
     [
         (["model.hidden_size=64"], r"model.init_from: the weights in .* do not fit model.\* \(.*embed_tokens.weight"),
         (["model.init_from=/nonexistent/last.ckpt"], r"model.init_from: '/nonexistent/last.ckpt' does not exist"),
-        (["model.trainable=[x_proj]"], r"model.trainable: 'x_proj' select\(s\) no parameter"),
-        (["model.trainable=[sfn_oproj]", "model.trainable=['(']"], r"model.trainable: '\(' is neither a preset"),
+        (["model.trainable=[x_proj]"], r"model.trainable: pattern\(s\) \['x_proj'\] match no parameter"),
+        (["model.trainable=[sfn_oproj]", "model.trainable=['(']"], r"model.trainable: '\(' is not a regular expr"),
         (["optimizer.name=poet"], r"model.init_from: with optimizer.name=poet the loaded weights become W0 only"),
     ],
 )
