@@ -4,10 +4,11 @@ of the SfN study, arXiv 2505.20993), for any LightningModule and any optimizer.
 For every followed parameter W with reference W_ref (the weights at the start of the run, or those of a checkpoint)
 the monitor computes, with :mod:`lowrank.module_delta` (which states the math), the L2 change ``||W - W_ref||_F``, the
 relative L2 change ``||W - W_ref||_F / ||W_ref||_F``, and the distribution of the element-wise relative change
-``r = (w - w_ref) / w_ref`` over the elements with ``|w_ref| >= threshold`` (the others are excluded: r is undefined or
-meaningless there): power sums (for Sarle's bimodality coefficient) and a histogram of ``clip(r, -1, 1)``. Module types
-are :func:`lowrank.names.module_types` over the followed names (``q_proj`` ... ``down_proj``; parents added where
-leaves collide), layers :func:`lowrank.names.layer_label` (``model.layers.3``).
+``r = (w - w_ref) / w_ref`` over the elements with ``|w_ref| >= threshold`` and a finite r (the others are excluded: r
+is undefined or meaningless there, or a NaN / inf weight): power sums (for Sarle's bimodality coefficient) and a
+histogram of ``clip(r, -1, 1)``. A NaN or inf weight is never hidden: it shows in the L2 tags as NaN or inf (and makes
+every ``share`` NaN). Module types are :func:`lowrank.names.module_types` over the followed names (``q_proj`` ...
+``down_proj``; parents added where leaves collide), layers :func:`lowrank.names.layer_label` (``model.layers.3``).
 
 Tags, every ``every_n_steps`` optimizer steps (``trainer.global_step % every_n_steps == 0``, after the step; once per
 optimizer step under gradient accumulation), on rank zero, through every logger, ``step`` = ``trainer.global_step``:
@@ -17,7 +18,8 @@ optimizer step under gradient accumulation), on rank zero, through every logger,
 * ``delta/<module_type>/share``: the type's share of the total squared change (all types add up to 1);
 * ``delta/<module_type>/bimodality``: Sarle's coefficient of r over the type's included elements (> 5/9 suggests a
   bimodal distribution; left out when undefined: fewer than 4 elements or no spread, e.g. a frozen module);
-* ``delta/<module_type>/excluded_fraction``: the fraction of the type's elements with ``|w_ref| < threshold``;
+* ``delta/<module_type>/excluded_fraction``: the fraction of the type's elements left out of r (``|w_ref| < threshold``
+  or a non-finite r);
 * ``delta_layer/<layer>/<module_type>/relative_l2``: per layer and type;
 * histograms ``delta_hist/<layer>/<module_type>`` of ``clip(r, -1, 1)`` (``bins`` bins over [-1, 1], the computed
   counts as they are, through ``add_histogram_raw``) for the layers ``histogram_layers`` picks, to every logger whose
@@ -36,14 +38,24 @@ Snapshot memory (the reference, kept on the CPU): 4 bytes per followed element i
 are DTensors) each rank holds its own local shards (``param.to_local()``), computes per-shard deltas, and the additive
 statistics (squared norms, counts, power sums, histograms) are summed over the ranks with one
 ``torch.distributed.all_reduce`` of a flat float64 tensor and one of an int64 tensor; rank 0 logs. A replicated mesh
-dimension (HSDP) is counted once (only its coordinate-0 ranks contribute), a plain (non-DTensor) parameter by rank 0.
-The computation itself runs parameter by parameter in float64 chunks on the parameter's device.
+dimension (HSDP) is counted once (only its coordinate-0 ranks contribute); a plain (non-DTensor) parameter is held
+whole and counted by global rank 0 only (the other ranks add an empty delta for it). The computation itself runs
+parameter by parameter in float64 chunks on the parameter's device.
 
 Resuming: with ``reference="start"`` the snapshot is part of the callback's ``state_dict()`` (tensors and plain
 containers: ``torch.load(weights_only=True)`` reads the checkpoint), so a resumed run keeps measuring from the
 original start, not from the resume point. Under FSDP2 the shards are gathered for that (``full_tensor()``, one
 parameter at a time, kept on rank 0: rank 0's CPU then holds the whole snapshot while the checkpoint is written), and
-a resumed rank takes its own shard back from it. With a checkpoint path the reference is re-read from the file.
+a resumed rank takes its own shard back from it. Lightning restores callback state on every rank (each loads the
+checkpoint and gets a copy of the state), so on a DDP resume every rank briefly holds the snapshot until training
+starts; then rank 0 keeps it and the others drop it. Lightning calls ``load_state_dict`` only when the checkpoint holds
+state for this callback: a monitor first added when a run resumes takes that resumed start as its reference, silently.
+A checkpoint whose monitor state holds no snapshot (its run's monitor had a checkpoint file as ``reference``, or the
+checkpoint was written before training started) gives the same reference, with a warning. With a checkpoint path the
+reference is re-read from the file.
+
+POET models (:func:`lowrank.poet.apply_poet`) are refused: their effective weights ``W = R W0 P`` are not parameters;
+``lowrank-diagnose delta`` compares POET checkpoints offline as their effective weights.
 """
 
 from __future__ import annotations
@@ -76,6 +88,7 @@ from lowrank.module_delta import (
     unpack_deltas,
 )
 from lowrank.names import layer_label, module_types
+from lowrank.poet_linear import POETLinear
 from lowrank.randomness import normalize_param_name
 from lowrank_recipes.callbacks.module_delta_figure import render_delta_heatmap
 from lowrank_recipes.callbacks.overlap_figure import natural_key
@@ -84,6 +97,59 @@ IMAGE_TAG = "delta/heatmap"
 SNAPSHOT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _TITLE = "ModuleDeltaMonitor"
 _MAX_LISTED = 20  # problems listed in one error
+REFERENCE_ACCEPTED = (
+    "'start' or the path of a single checkpoint file readable by torch.load(weights_only=True) (a Lightning "
+    "checkpoint or a plain state dict; from an fsdp2 run, one written with trainer.checkpoint_format=full)"
+)
+POET_REFUSAL = (
+    f"{_TITLE}: the module holds POET layers (W = R W0 P: the effective weights are not parameters); accepted: a model "
+    "without POETLinear layers; compare POET checkpoints offline with `lowrank-diagnose delta`, which reads them as "
+    "their effective weights"
+)
+
+
+def monitor_problems(
+    reference: Any,
+    every_n_steps: Any,
+    histogram_layers: Any,
+    threshold: Any,
+    bins: Any,
+    snapshot_dtype: Any,
+    names: Any,
+    image_every: Any,
+    prefix: str = "",
+) -> list[str]:
+    """Every invalid :class:`ModuleDeltaMonitor` argument, each problem starting with ``f"{prefix}{argument}: "``
+    and naming the value and the accepted values (``prefix="delta."`` gives ``"delta.bins: invalid value 0; accepted:
+    an integer >= 1"``), in the order of the arguments; ``[]`` when every argument is valid.
+
+    Cheap: nothing is loaded. A ``reference`` other than ``"start"`` must be the path of an existing regular file (a
+    directory, e.g. a sharded checkpoint, is refused); whether it is readable and matches the module is checked in
+    ``setup``.
+    """
+    patterns = [names] if isinstance(names, str) else names
+    valid_reference = isinstance(reference, (str, os.PathLike)) and os.fspath(reference) != ""
+    problems = [
+        *check(valid_reference, "reference", reference, REFERENCE_ACCEPTED),
+        *(_reference_file_problems(os.fspath(reference)) if valid_reference and reference != "start" else []),
+        *check(is_int(every_n_steps, 1), "every_n_steps", every_n_steps, "an integer >= 1"),
+        *check(
+            histogram_layers is None
+            or (
+                isinstance(histogram_layers, Sequence)
+                and not isinstance(histogram_layers, str)
+                and all(is_int(i) for i in histogram_layers)
+            ),
+            "histogram_layers",
+            histogram_layers,
+            "None or a sequence of layer indices (integers)",
+        ),
+        *delta_option_problems(threshold, bins),
+        *check(snapshot_dtype in SNAPSHOT_DTYPES, "snapshot_dtype", snapshot_dtype, join_accepted(SNAPSHOT_DTYPES)),
+        *_pattern_problems(patterns),
+        *check(image_every is None or is_int(image_every, 1), "image_every", image_every, "an integer >= 1 or None"),
+    ]
+    return [f"{prefix}{p}" for p in problems]  # each problem starts with its argument's name
 
 
 class ModuleDeltaMonitor(pl.Callback):
@@ -91,15 +157,16 @@ class ModuleDeltaMonitor(pl.Callback):
 
     Args:
         reference: ``"start"``: the weights when training starts (the first run's; kept across resumes through the
-            callback's state), or the path of a checkpoint file readable by ``torch.load(weights_only=True)``: a
-            Lightning checkpoint (its ``"state_dict"``, keys as in the LightningModule's ``state_dict()``) or a plain
-            state dict. Keys and shapes are checked in ``setup``, before any training.
+            callback's state), or the path of a single checkpoint file readable by ``torch.load(weights_only=True)``:
+            a Lightning checkpoint (its ``"state_dict"``, keys as in the LightningModule's ``state_dict()``) or a
+            plain state dict; a directory (a sharded checkpoint) is refused. That the file exists is checked here;
+            keys and shapes in ``setup``, before any training.
         every_n_steps: log when ``trainer.global_step % every_n_steps == 0`` after an optimizer step.
         histogram_layers: indices of the layers whose r histograms are logged, into the naturally sorted labels of
             the numbered layers (labels ending in a layer index, ``model.layers.0`` ... ``model.layers.11``; all layer
             labels when none is numbered); negative indices count from the end. Default (None): the first, the middle
             (``n // 2``) and the last layer; ``()``: no histograms.
-        threshold: elements with ``|w_ref| < threshold`` are excluded from r
+        threshold: elements with ``|w_ref| < threshold`` are excluded from r, as are those whose r is not finite
             (:class:`lowrank.module_delta.DeltaOptions`).
         bins: histogram bins over [-1, 1].
         snapshot_dtype: ``"float32"`` (exact for float32, bf16 and fp16 weights) or ``"bfloat16"`` (half the memory,
@@ -110,9 +177,10 @@ class ModuleDeltaMonitor(pl.Callback):
         image_every: draw the heatmap every this many logs (1: at every log); None: never.
 
     Raises:
-        ValueError: for an invalid argument (in ``__init__``), or in ``setup`` / ``on_train_start`` for a reference
-            that does not match the followed parameters (naming the keys and shapes), histogram layer indices out of
-            range, or ``names`` that match nothing.
+        ValueError: for invalid arguments (in ``__init__``, all of them at once: :func:`monitor_problems`), or in
+            ``setup`` / ``on_train_start`` for a module holding POET layers (``POETLinear``), a reference that does
+            not match the followed parameters (naming the keys and shapes), histogram layer indices out of range, or
+            ``names`` that match nothing.
     """
 
     def __init__(
@@ -127,34 +195,13 @@ class ModuleDeltaMonitor(pl.Callback):
         image_every: int | None = 1,
     ) -> None:
         super().__init__()
+        raise_problems(
+            _TITLE,
+            monitor_problems(
+                reference, every_n_steps, histogram_layers, threshold, bins, snapshot_dtype, names, image_every
+            ),
+        )
         patterns = [names] if isinstance(names, str) else names
-        problems = [
-            *check(
-                isinstance(reference, (str, os.PathLike)) and str(reference) != "",
-                "reference",
-                reference,
-                "'start' or the path of a checkpoint file",
-            ),
-            *check(is_int(every_n_steps, 1), "every_n_steps", every_n_steps, "an integer >= 1"),
-            *check(
-                histogram_layers is None
-                or (
-                    isinstance(histogram_layers, Sequence)
-                    and not isinstance(histogram_layers, str)
-                    and all(is_int(i) for i in histogram_layers)
-                ),
-                "histogram_layers",
-                histogram_layers,
-                "None or a sequence of layer indices (integers)",
-            ),
-            *delta_option_problems(threshold, bins),
-            *check(snapshot_dtype in SNAPSHOT_DTYPES, "snapshot_dtype", snapshot_dtype, join_accepted(SNAPSHOT_DTYPES)),
-            *check(
-                image_every is None or is_int(image_every, 1), "image_every", image_every, "an integer >= 1 or None"
-            ),
-            *_pattern_problems(patterns),
-        ]
-        raise_problems(_TITLE, problems)
         self.reference = "start" if reference == "start" else os.fspath(reference)
         self.every_n_steps = every_n_steps
         self.histogram_layers = None if histogram_layers is None else tuple(histogram_layers)
@@ -227,10 +274,11 @@ class ModuleDeltaMonitor(pl.Callback):
                     f"{_TITLE}: the checkpoint's start snapshot was saved in bfloat16: the resumed run's float32 "
                     "reference is bf16-rounded, so relative changes below ~0.4% are not resolved"
                 )
-        else:
+        else:  # reached when the checkpoint holds this monitor's state without a snapshot (module docstring)
             rank_zero_warn(
-                f"{_TITLE}: the checkpoint holds no start snapshot of this monitor (it was not in the first run, or "
-                "that run used a checkpoint path as reference): the reference is the weights at the resume point"
+                f"{_TITLE}: the checkpoint's monitor state holds no start snapshot (that run's monitor had a "
+                "checkpoint file as reference, or the checkpoint was written before training started): the reference "
+                "is the weights at the resume point; to measure from elsewhere, pass that checkpoint file as reference"
             )
 
     # ------------------------------------------------------------------------------------------------ the work
@@ -248,12 +296,17 @@ class ModuleDeltaMonitor(pl.Callback):
             pending, self._pending = self._pending, None
             self._snapshot = self._place(pending, params)
         elif self._snapshot is not None:
-            unknown = sorted(set(self._names) - set(self._snapshot)) if self._keeps_reference() else []
+            kept = [n for n in self._names if self._keeps(params[n])]
+            unknown = sorted(set(kept) - set(self._snapshot))
             if unknown:
-                raise ValueError(f"{_TITLE}: the reference snapshot has no {_listed(unknown)}; it was taken of others")
+                raise ValueError(
+                    f"{_TITLE}: the reference snapshot (taken in an earlier fit of this monitor) has no "
+                    f"{_listed(unknown)}; accepted: the parameters that fit followed (the same module and names); "
+                    "for another module or other names, use a new ModuleDeltaMonitor"
+                )
         else:
             dtype = SNAPSHOT_DTYPES[self.snapshot_dtype]
-            keep = self._names if self._keeps_reference() else []
+            keep = [n for n in self._names if self._keeps(params[n])]
             self._snapshot = {n: _local(params[n]).detach().to(device="cpu", dtype=dtype, copy=True) for n in keep}
 
     def compute(self, pl_module: pl.LightningModule) -> list[ParameterDelta] | None:
@@ -298,7 +351,10 @@ class ModuleDeltaMonitor(pl.Callback):
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _select(self, pl_module: pl.LightningModule) -> None:
-        """The followed names, their types and layers, and the histogram layers (raises for a bad choice)."""
+        """The followed names, their types and layers, and the histogram layers (raises for a bad choice, and for a
+        POET model: its effective weights are not parameters)."""
+        if any(isinstance(module, POETLinear) for module in pl_module.modules()):
+            raise ValueError(POET_REFUSAL)
         named = [(n, p) for n, p in pl_module.named_parameters() if p.is_floating_point()]
         if self.patterns is None:
             names = [n for n, p in named if p.ndim >= 2]
@@ -329,10 +385,8 @@ class ModuleDeltaMonitor(pl.Callback):
         """The followed names' tensors of the reference checkpoint (memory-mapped where the format allows), checked
         against the module's parameter shapes (global shapes for DTensors)."""
         path = self.reference
-        accepted = "'start' or the path of a checkpoint file readable by torch.load(weights_only=True)"
-        if not os.path.isfile(path):
-            what = "a directory (a sharded checkpoint?)" if os.path.isdir(path) else "no file"
-            raise ValueError(f"{_TITLE}: reference: {path!r} is {what}; accepted: {accepted}")
+        accepted = REFERENCE_ACCEPTED
+        raise_problems(_TITLE, _reference_file_problems(path))  # checked in __init__; it may have gone since
         try:
             try:
                 loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -366,8 +420,8 @@ class ModuleDeltaMonitor(pl.Callback):
         return found
 
     def _place(self, full: dict[str, Tensor], params: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The snapshot this rank holds from full reference tensors: copies in the snapshot dtype of the whole
-        tensors (rank 0; every rank under FSDP2 for plain parameters) or of this rank's shards (DTensors)."""
+        """The snapshot this rank holds from full reference tensors (:meth:`_keeps`): copies in the snapshot dtype of
+        this rank's shards of DTensors (every rank) and of the whole plain tensors (global rank 0 only)."""
         problems = []
         for name in self._names:
             if name not in full:
@@ -375,13 +429,17 @@ class ModuleDeltaMonitor(pl.Callback):
             elif tuple(full[name].shape) != tuple(params[name].shape):
                 problems.append(f"{name!r} has shape {tuple(full[name].shape)}, {tuple(params[name].shape)} here")
         if problems:
-            raise ValueError(f"{_TITLE}: the reference does not match the followed parameters: {_listed(problems)}")
-        if not self._keeps_reference():
-            return {}
+            raise ValueError(
+                f"{_TITLE}: the start snapshot of the checkpoint's monitor state does not match the followed "
+                f"parameters: {_listed(problems)}; accepted: a snapshot of the same parameters (resume with the module "
+                "and names of the run that wrote the checkpoint), or a checkpoint file as reference"
+            )
         dtype = SNAPSHOT_DTYPES[self.snapshot_dtype]
         placed = {}
         for name in self._names:
             param, tensor = params[name], full[name]
+            if not self._keeps(param):
+                continue
             if isinstance(param, DTensor):
                 tensor = _shard_of(tensor, param)
             placed[name] = tensor.detach().to(device="cpu", dtype=dtype, copy=True)
@@ -400,21 +458,27 @@ class ModuleDeltaMonitor(pl.Callback):
         params = dict(self._module.named_parameters())
         full = {}
         for name in self._names:
-            param, part = params[name], self._snapshot[name]
-            if isinstance(param, DTensor):
+            param = params[name]
+            if isinstance(param, DTensor):  # a collective: every rank holds its shard
                 device = param.to_local().device
                 whole = DTensor.from_local(
-                    part.to(device), param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+                    self._snapshot[name].to(device),
+                    param.device_mesh,
+                    param.placements,
+                    shape=param.shape,
+                    stride=param.stride(),
                 ).full_tensor()
-                part = whole.cpu()
-            if self._rank == 0:
-                full[name] = part
+                if self._rank == 0:
+                    full[name] = whole.cpu()
+            elif self._rank == 0:  # a plain parameter: held whole by rank 0 only, nothing to gather
+                full[name] = self._snapshot[name]
         return full
 
-    def _keeps_reference(self) -> bool:
-        """Whether this rank holds a reference: every rank under FSDP2 (its shards, and the plain parameters whole,
-        so that a gather never waits on a rank without them); rank 0 only otherwise."""
-        return self._sharded or self._rank == 0
+    def _keeps(self, param: Tensor) -> bool:
+        """Whether this rank holds the reference of ``param``: a DTensor's local shard on every rank (its statistics
+        are summed over the ranks, and the checkpoint's gather needs every shard); a plain parameter on global rank 0
+        only (the only rank that computes and logs it: under DDP every parameter, under FSDP2 the unsharded ones)."""
+        return isinstance(param, DTensor) or self._rank == 0
 
     def _contributes(self, param: Tensor) -> bool:
         """Whether this rank's part of ``param`` enters the sum: a DTensor's shard once per replicated mesh dimension
@@ -497,6 +561,19 @@ def _shard_of(full: Tensor, param: DTensor) -> Tensor:
             f"{tuple(param.to_local().shape)}; accepted: parameters sharded like distribute_tensor does (FSDP2)"
         )
     return local
+
+
+def _reference_file_problems(path: str) -> list[str]:
+    """The problem of a reference path that is not an existing regular file (existence and kind only: no loading)."""
+    if os.path.isfile(path):
+        return []
+    if os.path.isdir(path):
+        what = "a directory: a sharded checkpoint is not accepted"
+    elif os.path.exists(path):
+        what = "not a regular file"
+    else:
+        what = "no such file"
+    return [f"reference: invalid value {path!r} ({what}); accepted: {REFERENCE_ACCEPTED}"]
 
 
 def _pattern_problems(patterns: Any) -> list[str]:

@@ -7,11 +7,14 @@ For a parameter ("module") with reference weights W_ref (state A, e.g. the start
 
 * ``l2 = ||W - W_ref||_F`` and ``ref_l2 = ||W_ref||_F``, both in float64; ``relative_l2 = l2 / ref_l2``
   (``l2 == 0`` gives 0 whatever ``ref_l2`` is: an unchanged weight moved by nothing; ``l2 > 0`` with ``ref_l2 == 0``
-  gives ``inf``).
+  gives ``inf``). Over *every* element: a NaN or inf in W (a diverged step) or in W_ref makes ``l2`` (and
+  ``relative_l2``; ``ref_l2`` for one in W_ref) NaN or inf, so that a broken weight shows as such and is never hidden.
 * the element-wise relative change ``r = (w - w_ref) / w_ref`` over the *included* elements, those with
-  ``|w_ref| >= threshold`` (:class:`DeltaOptions`). Elements with ``|w_ref| < threshold`` are *excluded* (and counted):
+  ``|w_ref| >= threshold`` (:class:`DeltaOptions`) and a finite r. The others are *excluded* (and counted):
   r is undefined at ``w_ref = 0`` and meaningless near it (any change of a weight that starts at ~0 is an enormous
-  relative change), so they would only add a spike of huge values.
+  relative change), so they would only add a spike of huge values; and an element whose r is not finite (a NaN or inf
+  in w or w_ref; r of finite weights, computed in float64, is finite for any sensible threshold) has no place in a sum
+  or a bin (a NaN would land in bin 0 and read as a -100% change). Such elements still enter ``l2`` (above).
 * of r: the raw power sums ``sums = (sum r, sum r^2, sum r^3, sum r^4)`` (float64, r *unclipped*) and a histogram of
   ``clip(r, -1, 1)`` in ``bins`` equal bins over [-1, 1] (int64 counts; clipping only affects the histogram: the mass
   beyond +-100% change lands in the outer bins). Bin i holds ``-1 + 2 i / bins <= r < -1 + 2 (i + 1) / bins`` (the last
@@ -41,7 +44,8 @@ power sums and the histograms; take the square roots), and so is the delta of a 
 (FSDP2: each rank calls :func:`parameter_delta` on its local shard ``param.to_local()`` and its own shard of the
 reference; :func:`merge_shards` adds them up, or :func:`pack_deltas` + ``all_reduce(SUM)`` + :func:`unpack_deltas` do
 it across processes, see ``ModuleDeltaMonitor``). :func:`by_module_type` aggregates per module type and adds each
-type's *share* of the total squared change, ``sum over its weights of l2^2 / sum over all weights of l2^2``.
+type's *share* of the total squared change, ``sum over its weights of l2^2 / sum over all weights of l2^2`` (NaN for
+every type when that total is not finite: a NaN or inf weight somewhere leaves no share defined).
 
 Module types and layers are the project's one naming rule, :func:`lowrank.names.module_types` (over the compared
 names) and :func:`lowrank.names.layer_label`.
@@ -101,7 +105,8 @@ class DeltaOptions:
     """How r is formed and binned (module docstring).
 
     Attributes:
-        threshold: elements with ``|w_ref| < threshold`` are excluded from r (and counted as excluded); > 0.
+        threshold: elements with ``|w_ref| < threshold`` are excluded from r (and counted as excluded, with those
+            whose r is not finite); > 0.
         bins: histogram bins over [-1, 1] (r clipped to [-1, 1] for the histogram only); >= 1.
 
     Raises:
@@ -146,10 +151,10 @@ class ParameterDelta:
         name: the parameter name as given (a combination keeps it where every part has the same, else "").
         layer: :func:`lowrank.names.layer_label` of the name (likewise).
         module_type: :func:`lowrank.names.module_types` label among the names compared (likewise).
-        l2: ``||W - W_ref||_F`` (float64).
-        ref_l2: ``||W_ref||_F``.
-        included: elements with ``|w_ref| >= threshold``.
-        excluded: elements with ``|w_ref| < threshold``.
+        l2: ``||W - W_ref||_F`` (float64) over every element: NaN or inf when W or W_ref holds a NaN or inf.
+        ref_l2: ``||W_ref||_F`` (likewise).
+        included: elements with ``|w_ref| >= threshold`` and a finite r.
+        excluded: the others: ``|w_ref| < threshold`` or r not finite (a NaN or inf in w or w_ref).
         sums: (sum r, sum r^2, sum r^3, sum r^4) over the included elements, r unclipped, float64.
         histogram: (bins,) int64 CPU counts of ``clip(r, -1, 1)`` over the included elements.
     """
@@ -194,7 +199,8 @@ class TypeDelta:
         l2: ``sqrt(sum of l2^2)`` over them; ref_l2 likewise.
         included, excluded, sums, histogram: summed over them (as in :class:`ParameterDelta`).
         share: this type's sum of l2^2 over the sum of l2^2 of every type (the share of the total squared change;
-            the shares of all types add up to 1, and are all 0 when nothing changed).
+            the shares of all types add up to 1, are all 0 when nothing changed, and all NaN when the total is not
+            finite).
     """
 
     module_type: str
@@ -262,6 +268,9 @@ def parameter_delta(
             ``[name]``); :func:`module_deltas` passes the label among every compared name.
         layer: the layer label (default: :func:`lowrank.names.layer_label` of ``name``).
 
+    Non-finite values: an element whose r is not finite (a NaN or inf in ``current`` or ``reference``) is excluded
+    from r, like ``|w_ref| < threshold``; ``l2`` (and ``ref_l2``) still take every element, so they are NaN or inf.
+
     Raises:
         ValueError: when the shapes differ (naming the parameter and both shapes) or a tensor is not floating point.
     """
@@ -276,20 +285,22 @@ def parameter_delta(
     flat = current.detach().reshape(-1)  # (N,)
     flat_ref = reference.detach().reshape(-1)  # (N,)
     numel = flat.numel()
-    totals = torch.zeros(7, dtype=torch.float64, device=device)  # l2^2, ref_l2^2, included, S1..S4
+    totals = torch.zeros(6, dtype=torch.float64, device=device)  # l2^2, ref_l2^2, S1..S4
     histogram = torch.zeros(bins, dtype=torch.int64, device=device)  # (bins,)
+    included = 0
     for start in range(0, numel, CHUNK):
         w = flat[start : start + CHUNK].to(torch.float64)  # (c,)
         w_ref = flat_ref[start : start + CHUNK].to(device=device, dtype=torch.float64)  # (c,)
         diff = w - w_ref  # (c,)
-        keep = w_ref.abs() >= threshold  # (c,) bool
-        r = diff[keep] / w_ref[keep]  # (c_included,)
+        keep = w_ref.abs() >= threshold  # (c,) bool; False for a NaN w_ref
+        r = diff[keep] / w_ref[keep]  # (c_kept,)
+        r = r[torch.isfinite(r)]  # (c_included,): a NaN or inf in w or w_ref is excluded, never binned
+        included += r.numel()
         r2 = r * r
         totals += torch.stack(
             [
-                diff.square().sum(),
+                diff.square().sum(),  # every element: NaN / inf stay visible in l2
                 w_ref.square().sum(),
-                keep.sum().to(torch.float64),
                 r.sum(),
                 r2.sum(),
                 (r2 * r).sum(),
@@ -298,15 +309,15 @@ def parameter_delta(
         )
         index = ((r.clamp(-1.0, 1.0) + 1.0) * (bins / 2.0)).floor().to(torch.int64).clamp_(0, bins - 1)  # (c_included,)
         histogram += torch.bincount(index, minlength=bins)
-    l2_sq, ref_sq, included, s1, s2, s3, s4 = totals.tolist()
+    l2_sq, ref_sq, s1, s2, s3, s4 = totals.tolist()
     return ParameterDelta(
         name=name,
         layer=layer or layer_label(name),
         module_type=module_type or module_types([name])[name],
         l2=math.sqrt(l2_sq),
         ref_l2=math.sqrt(ref_sq),
-        included=int(included),
-        excluded=numel - int(included),
+        included=included,
+        excluded=numel - included,
         sums=(s1, s2, s3, s4),
         histogram=histogram.cpu(),
     )
@@ -433,12 +444,12 @@ def by_layer_and_module_type(deltas: Iterable[ParameterDelta]) -> dict[tuple[str
 
 def by_module_type(deltas: Iterable[ParameterDelta]) -> dict[str, TypeDelta]:
     """Module type -> :class:`TypeDelta` (combined over the type's parameters, with its share of the total squared
-    change), in order of first appearance."""
+    change: all 0 when nothing changed, all NaN when the total is not finite), in order of first appearance."""
     groups: dict[str, list[ParameterDelta]] = {}
     for delta in deltas:
         groups.setdefault(delta.module_type, []).append(delta)
     combined = {kind: combine(parts) for kind, parts in groups.items()}
-    total = math.fsum(c.l2 * c.l2 for c in combined.values())
+    total = math.fsum(c.l2 * c.l2 for c in combined.values())  # NaN or inf when some l2 is
     return {
         kind: TypeDelta(
             module_type=kind,
@@ -449,14 +460,22 @@ def by_module_type(deltas: Iterable[ParameterDelta]) -> dict[str, TypeDelta]:
             excluded=c.excluded,
             sums=c.sums,
             histogram=c.histogram,
-            share=c.l2 * c.l2 / total if total > 0 else 0.0,
+            share=_share(c.l2 * c.l2, total),
         )
         for kind, c in combined.items()
     }
 
 
+def _share(part: float, total: float) -> float:
+    """part / total of squared changes: 0 when nothing changed, NaN when the total is not finite."""
+    if not math.isfinite(total):
+        return math.nan
+    return part / total if total > 0 else 0.0
+
+
 def squared_change_shares(deltas: Iterable[ParameterDelta]) -> dict[str, float]:
-    """Module type -> its share of the total squared change (adds up to 1; all 0 when nothing changed)."""
+    """Module type -> its share of the total squared change (adds up to 1; all 0 when nothing changed; all NaN when
+    the total is not finite)."""
     return {kind: t.share for kind, t in by_module_type(deltas).items()}
 
 
@@ -474,6 +493,11 @@ def pack_deltas(deltas: Iterable[ParameterDelta]) -> tuple[Tensor, Tensor]:
     return stats, torch.stack([p.histogram for p in parts])  # (P, 8), (P, bins)
 
 
+def _root(square: float) -> float:
+    """sqrt of a reduced sum of squares: NaN and inf kept (a non-finite weight), negative rounding read as 0."""
+    return math.nan if math.isnan(square) else math.sqrt(max(square, 0.0))
+
+
 def unpack_deltas(templates: Iterable[ParameterDelta], stats: Tensor, histograms: Tensor) -> list[ParameterDelta]:
     """The deltas of (reduced) :func:`pack_deltas` tensors, named like ``templates`` (the same P deltas, in order)."""
     parts = list(templates)
@@ -486,8 +510,8 @@ def unpack_deltas(templates: Iterable[ParameterDelta], stats: Tensor, histograms
     return [
         dataclasses.replace(
             part,
-            l2=math.sqrt(max(row[0], 0.0)),
-            ref_l2=math.sqrt(max(row[1], 0.0)),
+            l2=_root(row[0]),
+            ref_l2=_root(row[1]),
             included=round(row[2]),
             excluded=round(row[3]),
             sums=(row[4], row[5], row[6], row[7]),

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import TYPE_CHECKING
 
 from lowrank.checks import check, is_int
@@ -22,7 +21,8 @@ class DeltaMonitorConfig:
             costs 4 bytes per followed element (2 with ``snapshot_dtype: bfloat16``) of CPU memory on global rank 0
             (per rank's shard under fsdp2).
         reference: ``start`` (the weights when this run's training starts; kept across resumes in the checkpoint) or
-            a checkpoint path (e.g. the run ``model.init_from`` started from).
+            a single checkpoint file of the same model (a recipe ``.ckpt``, e.g. the one ``model.init_from`` names;
+            not a sharded directory). Its keys and shapes are checked when training starts.
         histogram_layers: layer indices whose relative-change histograms are logged; None: first, middle, last.
         threshold: elements with |w_ref| below it are left out of the relative change (and counted).
         bins: histogram bins over [-1, 1].
@@ -41,20 +41,15 @@ class DeltaMonitorConfig:
     image_every: int | None = 1
 
     def problems(self, prefix: str = "delta") -> list[str]:
-        """The monitor's own argument checks, under this section's keys; nothing when it is off."""
+        """The monitor's own argument checks (``monitor_problems``: a reference file must exist), under this
+        section's keys; nothing when it is off."""
         if self.every_n_steps is None:
             return []
+        from lowrank_recipes.callbacks.module_delta import monitor_problems
+
         key = f"{prefix}.every_n_steps"
         problems = check(is_int(self.every_n_steps, 1), key, self.every_n_steps, "null (off) or an integer >= 1")
-        if problems:
-            return problems
-        try:
-            self.callback()
-        except ValueError as err:  # "ModuleDeltaMonitor: <argument>: ...; <argument>: ...": the arguments are our keys
-            text = str(err).removeprefix("ModuleDeltaMonitor: ")
-            fields = "|".join(f.name for f in dataclasses.fields(self))
-            return [f"{prefix}.{p}" for p in re.split(rf"; (?=(?:{fields}):)", text)]
-        return []
+        return problems or monitor_problems(**dataclasses.asdict(self), prefix=f"{prefix}.")
 
     def callback(self) -> ModuleDeltaMonitor:
         """The monitor (its module imports Lightning: imported here, lazily)."""

@@ -1,12 +1,15 @@
 """ModuleDeltaMonitor on a foreign LightningModule (a tiny LLaMA-like stack with a frozen head): its tags in
 TensorBoard (scalars, histograms, the heatmap), the values against an independent float64 computation from copies of
 the weights the test keeps, the steps under gradient accumulation, the start snapshot across a checkpoint and resume,
-a checkpoint file as reference, the bf16 snapshot, and the refusals before any training."""
+a checkpoint file as reference, a monitor added on resume, the bf16 snapshot, plain parameters held by rank 0 only
+under FSDP2 (a one-rank mesh standing in for rank 0 and rank 1), and the refusals before any training (argument
+checks under a config layer's prefix, POET models), and the heatmap's red non-finite cells."""
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lowrank_recipes.callbacks.module_delta import IMAGE_TAG, ModuleDeltaMonitor
+from lowrank.poet import PoetConfig, apply_poet
+from lowrank_recipes.callbacks.module_delta import IMAGE_TAG, ModuleDeltaMonitor, monitor_problems
 
 from .helpers import WARNING_FILTERS, RecordingLogger, make_trainer
 
@@ -237,7 +241,7 @@ def test_a_checkpoint_file_as_reference(tmp_path: Path) -> None:
     assert deltas_of(logger, 2) == pytest.approx(expected_tags(weights(reference), weights(module)), rel=1e-9)
 
 
-@pytest.mark.parametrize("problem", ["missing_file", "shape", "missing_key", "not_a_state_dict"])
+@pytest.mark.parametrize("problem", ["removed_since", "shape", "missing_key", "not_a_state_dict"])
 def test_a_bad_reference_is_refused_before_training(tmp_path: Path, problem: str) -> None:
     state = ToyLM().state_dict()
     path = tmp_path / "reference.ckpt"
@@ -245,17 +249,105 @@ def test_a_bad_reference_is_refused_before_training(tmp_path: Path, problem: str
         state["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
     if problem == "missing_key":
         del state["model.layers.2.self_attn.o_proj.weight"]
-    if problem != "missing_file":
-        torch.save(["not", "a", "state dict"] if problem == "not_a_state_dict" else {"state_dict": state}, path)
+    torch.save(["not", "a", "state dict"] if problem == "not_a_state_dict" else {"state_dict": state}, path)
     expected = {
-        "missing_file": "reference: .*reference.ckpt' is no file; accepted: 'start' or the path",
+        "removed_since": r"reference: invalid value '.*reference.ckpt' \(no such file\); accepted: 'start' or the path",
         "shape": r"'model.layers.1.mlp.up_proj.weight' has shape \(3, 3\) there, \(12, 6\) in the module",
         "missing_key": "'model.layers.2.self_attn.o_proj.weight' missing",
         "not_a_state_dict": "holds no state dict",
     }[problem]
-    module = ToyLM()
+    module, monitor = ToyLM(), ModuleDeltaMonitor(reference=str(path))
+    if problem == "removed_since":
+        path.unlink()  # existed when the monitor was built: setup checks again
     with pytest.raises(ValueError, match=expected):
-        make_trainer(tmp_path, 2, [ModuleDeltaMonitor(reference=str(path))]).fit(module, loader())
+        make_trainer(tmp_path, 2, [monitor]).fit(module, loader())
+    assert module.steps_run == 0
+
+
+ACCEPTED_REFERENCE = (
+    "'start' or the path of a single checkpoint file readable by torch.load(weights_only=True) (a Lightning "
+    "checkpoint or a plain state dict; from an fsdp2 run, one written with trainer.checkpoint_format=full)"
+)
+
+
+def test_monitor_problems_name_the_arguments_under_a_prefix(tmp_path: Path) -> None:
+    valid = {
+        "reference": "start",
+        "every_n_steps": 100,
+        "histogram_layers": None,
+        "threshold": 1e-6,
+        "bins": 50,
+        "snapshot_dtype": "float32",
+        "names": None,
+        "image_every": 1,
+    }
+    assert monitor_problems(**valid, prefix="delta.") == []
+    assert monitor_problems(**{**valid, "bins": 0}, prefix="delta.") == [
+        "delta.bins: invalid value 0; accepted: an integer >= 1"
+    ]
+    wrong = {**valid, "every_n_steps": 0, "threshold": -1.0, "snapshot_dtype": "float16", "image_every": 0}
+    assert monitor_problems(**wrong, prefix="run.delta.") == [
+        "run.delta.every_n_steps: invalid value 0; accepted: an integer >= 1",
+        "run.delta.threshold: invalid value -1.0; accepted: a finite number > 0",
+        "run.delta.snapshot_dtype: invalid value 'float16'; accepted: float32 | bfloat16",
+        "run.delta.image_every: invalid value 0; accepted: an integer >= 1 or None",
+    ]
+    assert monitor_problems(**{**valid, "names": "("})[0].startswith("names: invalid value '('; accepted: None, or")
+    # a reference path: an existing regular file, checked without loading it (the file here is no checkpoint)
+    (tmp_path / "some.ckpt").write_text("not read here")
+    assert monitor_problems(**{**valid, "reference": str(tmp_path / "some.ckpt")}) == []
+    sharded = tmp_path / "step=10.ckpt"
+    sharded.mkdir()
+    missing = tmp_path / "missing.ckpt"
+    assert monitor_problems(**{**valid, "reference": sharded}, prefix="delta.") == [
+        f"delta.reference: invalid value {str(sharded)!r} (a directory: a sharded checkpoint is not accepted); "
+        f"accepted: {ACCEPTED_REFERENCE}"
+    ]
+    assert monitor_problems(**{**valid, "reference": str(missing)}) == [
+        f"reference: invalid value {str(missing)!r} (no such file); accepted: {ACCEPTED_REFERENCE}"
+    ]
+    assert monitor_problems(**{**valid, "reference": ""}) == [
+        f"reference: invalid value ''; accepted: {ACCEPTED_REFERENCE}"
+    ]
+    # the monitor raises the same problems, unprefixed, at construction
+    with pytest.raises(ValueError) as caught:
+        ModuleDeltaMonitor(reference=sharded, bins=0)
+    assert str(caught.value) == (
+        f"ModuleDeltaMonitor: reference: invalid value {str(sharded)!r} (a directory: a sharded checkpoint is not "
+        f"accepted); accepted: {ACCEPTED_REFERENCE}; bins: invalid value 0; accepted: an integer >= 1"
+    )
+
+
+class PoetLM(pl.LightningModule):
+    """An MLP whose ``up_proj`` is a POETLinear (``weight0``, ``q_out``, ``q_in``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(WIDTH, 16, bias=False)
+        self.down_proj = nn.Linear(16, WIDTH, bias=False)
+        apply_poet(self, PoetConfig(block_size=4), [r"\bup_proj\b"], seed=0)
+        self.steps_run = 0
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.steps_run += 1
+        x, y = batch
+        return nn.functional.mse_loss(self.down_proj(torch.relu(self.up_proj(x))), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=0.01)
+
+
+def test_a_poet_model_is_refused_before_training(tmp_path: Path) -> None:
+    module = PoetLM()
+    assert type(module.up_proj).__name__ == "POETLinear" and hasattr(module.up_proj, "weight0")
+    message = (
+        "ModuleDeltaMonitor: the module holds POET layers (W = R W0 P: the effective weights are not parameters); "
+        "accepted: a model without POETLinear layers; compare POET checkpoints offline with `lowrank-diagnose "
+        "delta`, which reads them as their effective weights"
+    )
+    with pytest.raises(ValueError) as caught:
+        make_trainer(tmp_path, 2, [ModuleDeltaMonitor(every_n_steps=1)]).fit(module, loader())
+    assert str(caught.value) == message
     assert module.steps_run == 0
 
 
@@ -325,3 +417,117 @@ def test_a_second_fit_keeps_the_first_start(tmp_path: Path) -> None:
     make_trainer(tmp_path, 4, [monitor], logger).fit(module, loader(), ckpt_path=None)
     last = max(s for s in logger.steps("delta/q_proj/l2") if s is not None)
     assert deltas_of(logger, last) == pytest.approx(expected_tags(start, weights(copy.deepcopy(module))), rel=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
+def test_a_monitor_added_on_resume_measures_from_the_resume_point(tmp_path: Path) -> None:
+    module = ToyLM()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    make_trainer(tmp_path, 3, [saver], False, enable_checkpointing=True).fit(module, loader())
+    (path,) = sorted((tmp_path / "ckpt").iterdir())
+    assert not torch.load(path, weights_only=True).get("callbacks", {}).get("ModuleDeltaMonitor")
+    at_resume = weights(module)
+    resumed, logger = ToyLM(seed=1), RecordingLogger()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="ModuleDeltaMonitor")  # Lightning restores nothing: no warning
+        make_trainer(tmp_path, 6, [ModuleDeltaMonitor(every_n_steps=3)], logger).fit(resumed, loader(), ckpt_path=path)
+    assert deltas_of(logger, 6) == pytest.approx(expected_tags(at_resume, weights(resumed)), rel=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
+def test_a_checkpoint_with_the_monitor_state_but_no_snapshot_warns(tmp_path: Path) -> None:
+    reference = tmp_path / "reference.ckpt"
+    torch.save({"state_dict": ToyLM(seed=3).state_dict()}, reference)
+    module = ToyLM()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    first = ModuleDeltaMonitor(reference=str(reference), every_n_steps=3)
+    make_trainer(tmp_path, 3, [first, saver], False, enable_checkpointing=True).fit(module, loader())
+    (path,) = sorted((tmp_path / "ckpt").iterdir())
+    state = torch.load(path, weights_only=True)["callbacks"]["ModuleDeltaMonitor"]
+    assert state["reference"] == str(reference) and "snapshot" not in state
+    at_resume = weights(module)
+    resumed, logger = ToyLM(seed=1), RecordingLogger()
+    with pytest.warns(UserWarning, match="holds no start snapshot .*the reference is the weights at the resume point"):
+        make_trainer(tmp_path, 6, [ModuleDeltaMonitor(every_n_steps=3)], logger).fit(resumed, loader(), ckpt_path=path)
+    assert deltas_of(logger, 6) == pytest.approx(expected_tags(at_resume, weights(resumed)), rel=1e-9)
+
+
+def test_a_ddp_rank_other_than_zero_drops_the_restored_snapshot() -> None:
+    module = ToyLM()
+    start = weights(module)
+    state = {"reference": "start", "snapshot_dtype": "float32", "logs": 2, "snapshot": start}
+    others, zero = ModuleDeltaMonitor(), ModuleDeltaMonitor()
+    for rank, monitor in ((1, others), (0, zero)):
+        monitor.load_state_dict(dict(state))  # Lightning does this on every rank
+        monitor.prepare(module, rank)
+    assert others._snapshot == {} and others._pending is None and others.compute(module) is None
+    assert set(zero._snapshot) == set(start)
+    assert all(torch.equal(zero._snapshot[n], t) for n, t in start.items())
+
+
+def test_a_snapshot_that_does_not_fit_names_the_way_out() -> None:
+    module = ToyLM()
+    foreign = {"model.other.weight": torch.zeros(2, 2)}
+    monitor = ModuleDeltaMonitor()
+    monitor.load_state_dict({"reference": "start", "snapshot_dtype": "float32", "logs": 0, "snapshot": foreign})
+    with pytest.raises(ValueError, match="does not match the followed parameters: .*missing.*; accepted: a snapshot"):
+        monitor.prepare(module, 0)
+    monitor = ModuleDeltaMonitor()
+    monitor.prepare(module, 0)  # a first fit
+    other = nn.Sequential(nn.Linear(2, 2))  # a second fit of the same monitor, on another module
+    with pytest.raises(ValueError, match=r"has no 0\.weight; accepted: the parameters that fit followed .*new Module"):
+        monitor.prepare(other, 0)
+
+
+class MixedModule(nn.Module):
+    """One sharded (DTensor) weight and one plain weight, as FSDP2 leaves an unwrapped parameter."""
+
+    def __init__(self, mesh: Any) -> None:
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        super().__init__()
+        g = torch.Generator().manual_seed(11)
+        self.sharded = nn.Parameter(distribute_tensor(torch.randn(4, 3, generator=g), mesh, [Shard(0)]))
+        self.plain = nn.Parameter(torch.randn(3, 3, generator=g))
+
+
+def test_fsdp2_plain_parameters_are_kept_by_rank_zero_only(tmp_path: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        module = MixedModule(init_device_mesh("cpu", (1,)))
+        start = {"sharded": module.sharded.full_tensor().clone(), "plain": module.plain.detach().clone()}
+        other, zero = ModuleDeltaMonitor(), ModuleDeltaMonitor()
+        other.prepare(module, 1)  # what global rank 1 holds: its shard, no plain parameter
+        zero.prepare(module, 0)
+        assert set(other._snapshot) == {"sharded"} and set(zero._snapshot) == {"sharded", "plain"}
+        assert other.state_dict()["snapshot"] == {}  # the gather runs, only rank 0 keeps the result
+        snapshot = zero.state_dict()["snapshot"]
+        assert set(snapshot) == set(start) and all(torch.equal(snapshot[n], t) for n, t in start.items())
+        with torch.no_grad():
+            module.plain.add_(0.5)
+        (plain_of_other,) = [d for d in other.compute(module) if d.name == "plain"]
+        assert (plain_of_other.l2, plain_of_other.included) == (0.0, 0)  # rank 1 adds nothing for it
+        (plain,) = [d for d in zero.compute(module) if d.name == "plain"]
+        assert plain.l2 == pytest.approx(0.5 * 3, rel=1e-12)  # ||0.5 * ones(3, 3)||_F
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_heatmap_shows_non_finite_cells_in_red() -> None:
+    pytest.importorskip("matplotlib")
+    from lowrank_recipes.callbacks.module_delta_figure import render_delta_heatmap
+
+    def red_pixels(cells: dict[tuple[str, str], float]) -> int:
+        image = render_delta_heatmap(cells, step=3)  # (H, W, 3) uint8
+        return int(((image[..., 0] > 200) & (image[..., 1] < 40) & (image[..., 2] < 40)).sum())
+
+    healthy = {("model.layers.0", "q_proj"): 0.1, ("model.layers.0", "o_proj"): 0.2, ("model.layers.1", "q_proj"): 0.3}
+    assert red_pixels(healthy) == 0  # viridis has no pure red
+    one_nan = {**healthy, ("model.layers.0", "o_proj"): math.nan}
+    both = {**one_nan, ("model.layers.1", "q_proj"): math.inf}
+    assert 0 < red_pixels(one_nan) < red_pixels(both)  # a NaN cell is red, not blank like a cell without weights

@@ -1,6 +1,7 @@
 """lowrank.module_delta against independent computations: norms and power sums by hand in Python floats, histogram
 counts by explicit edge comparisons, the bimodality coefficient from k-statistics of explicit samples (and scipy where
-installed), shards combined against the whole tensor, and the refusals."""
+installed), shards combined against the whole tensor, NaN / inf weights (excluded from r, visible in l2), and the
+refusals."""
 
 from __future__ import annotations
 
@@ -125,6 +126,45 @@ def test_clipping_affects_the_histogram_only() -> None:
     # bins [-1,-.5) [-.5,0) [0,.5) [.5,1]: r = 5 clipped to 1 (last bin), -0.5 in bin 1, 0 in bin 2, 0.5 in bin 3
     assert delta.histogram.tolist() == [0, 1, 1, 2]
     assert delta.l2 == pytest.approx(math.sqrt(25 + 0.0625 + 0.25))
+
+
+def test_non_finite_values_are_excluded_from_r_and_shown_in_l2() -> None:
+    reference = torch.ones(4, 5)
+    changes = [0.05 * (i - 9) for i in range(20)]  # r in [-0.45, 0.5]: never in the outer bins
+    current = torch.tensor([1.0 + c for c in changes], dtype=torch.float32).reshape(4, 5)
+    current[1, 2], current[3, 0] = float("nan"), float("inf")
+    bins = 10
+    delta = parameter_delta(O_PROJ, current, reference, DeltaOptions(bins=bins))
+    # by hand over the 18 finite elements: r = w - 1 (w_ref = 1), float32 values taken as Python floats
+    r = [v - 1.0 for v in current.flatten().tolist() if math.isfinite(v)]
+    assert len(r) == 18
+    assert (delta.included, delta.excluded) == (18, 2)
+    assert int(delta.histogram.sum()) == delta.included
+    edges = [-1.0 + 2.0 * i / bins for i in range(bins + 1)]
+    counts = [sum(1 for v in r if edges[i] <= v < edges[i + 1]) for i in range(bins)]
+    assert delta.histogram.tolist() == counts and counts[0] == 0  # no NaN cast into bin 0 (a -100% change)
+    assert all(math.isfinite(s) for s in delta.sums)
+    assert list(delta.sums) == pytest.approx([math.fsum(v**k for v in r) for k in (1, 2, 3, 4)], rel=1e-12)
+    assert math.isfinite(delta.bimodality)
+    assert math.isnan(delta.l2) and math.isnan(delta.relative_l2) and delta.ref_l2 == math.sqrt(20.0)
+    # inf alone: l2 inf; through combine, pack / unpack and the shares the broken value stays visible
+    only_inf = torch.where(current.isnan(), torch.ones_like(current), current)
+    broken = parameter_delta(O_PROJ, only_inf, reference, DeltaOptions(bins=bins))
+    assert broken.l2 == math.inf and (broken.included, broken.excluded) == (19, 1)
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    healthy = parameter_delta(q_proj, reference + 0.1, reference, DeltaOptions(bins=bins))
+    assert combine([broken, healthy]).l2 == math.inf
+    (unpacked,) = unpack_deltas([delta], *pack_deltas([delta]))
+    assert math.isnan(unpacked.l2) and unpacked.included == 18
+    shares = squared_change_shares([broken, healthy])
+    assert list(shares) == ["o_proj", "q_proj"] and all(math.isnan(v) for v in shares.values())
+    # a NaN or inf in the reference: excluded from r, shown in ref_l2
+    bad_reference = reference.clone()
+    bad_reference[0, 0], bad_reference[0, 1] = float("inf"), float("nan")
+    moved = parameter_delta("w", reference + 0.25, bad_reference, DeltaOptions(bins=bins))
+    assert (moved.included, moved.excluded) == (18, 2)
+    assert moved.sums == pytest.approx((18 * 0.25, 18 * 0.25**2, 18 * 0.25**3, 18 * 0.25**4), rel=1e-12)
+    assert math.isnan(moved.ref_l2) and math.isnan(moved.l2)
 
 
 def test_relative_l2_when_the_reference_is_zero() -> None:

@@ -54,6 +54,7 @@ def test_a_fine_tuning_run_logs_module_change_against_its_start(tmp_path: Path) 
     [
         (["delta.snapshot_dtype=fp8"], r"delta.snapshot_dtype: invalid value 'fp8'; accepted: float32 \| bfloat16"),
         (["optimizer.name=poet"], r"delta.every_n_steps: not supported with optimizer.name=poet .* accepted with poet"),
+        (["delta.reference=/nonexistent.ckpt"], r"delta.reference: invalid value '/nonexistent.ckpt' \(no such file\)"),
     ],
 )
 def test_bad_delta_settings_are_refused_by_key(tmp_path: Path, overrides: list[str], message: str) -> None:
