@@ -10,8 +10,11 @@ From :func:`lowrank.module_delta.module_deltas` (B against the reference A, ever
   modes; elements with |w_A| below the threshold are excluded from r and counted).
 
 :func:`write_report` writes ``delta.md`` (both tables), ``delta.json`` (the same numbers, non-finite ones as null, and
-each type's histogram of clip(r, -1, 1)) and ``delta.png`` (a heatmap of the relative change, decoder layers x module
-types, matplotlib's Agg backend).
+each type's histogram of clip(r, -1, 1)) and ``delta.png``: the heatmap of the relative change, decoder layers x module
+types, drawn by the training-time picture's renderer
+(:func:`lowrank_recipes.callbacks.module_delta_figure.render_delta_heatmap`: its colour scale spans the finite values,
+and a non-finite cell, such as the inf of a weight whose reference norm is 0, is marked, never hidden). Every file is
+rendered in memory before the first is written.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -32,7 +35,10 @@ from lowrank.module_delta import (
     by_module_type,
     module_deltas,
 )
-from lowrank.module_surgery import layer_index
+from lowrank.names import layer_index
+
+if TYPE_CHECKING:
+    import numpy as np
 
 REPORT_FILES: tuple[str, ...] = ("delta.md", "delta.json", "delta.png")
 
@@ -61,7 +67,8 @@ class DeltaReport:
         self.deltas: list[ParameterDelta] = module_deltas(b, a, options, names)
         self.cells = by_layer_and_module_type(self.deltas)  # (layer label, type) -> combined delta
         self.types = by_module_type(self.deltas)
-        self.layers = sorted({d.layer for d in self.deltas if layer_index(d.name) is not None}, key=_layer_key)
+        blocks = {d.layer: layer_index(d.name) for d in self.deltas if layer_index(d.name) is not None}
+        self.layers = sorted(blocks, key=blocks.__getitem__)  # decoder layer labels in block order
         self.block_types = list(dict.fromkeys(d.module_type for d in self.deltas if layer_index(d.name) is not None))
 
     def matrix(self) -> list[list[float]]:
@@ -144,46 +151,45 @@ class DeltaReport:
             ],
         }
 
-
-def _layer_key(label: str) -> tuple[str, int]:
-    prefix, _, last = label.rpartition(".")
-    return (prefix, int(last)) if last.isdigit() else (label, -1)
-
-
-def heatmap(report: DeltaReport, path: Path) -> None:
-    """Writes the layers x block module types heatmap of the relative change to ``path`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values = report.matrix()
-    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * max(1, len(report.block_types)), 3.0 + 0.35 * max(1, len(values))))
-    try:
-        image = ax.imshow(values or [[math.nan]], aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(report.block_types)), report.block_types, rotation=45, ha="right")
-        ax.set_yticks(range(len(report.layers)), report.layers)
-        ax.set_xlabel("module type")
-        ax.set_ylabel("layer")
-        ax.set_title("relative change ||W_B - W_A|| / ||W_A||")
-        fig.colorbar(image, ax=ax)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
+    def heatmap_cells(self) -> dict[tuple[str, str], float]:
+        """(decoder layer, module type) -> relative change: the cells of the heatmap (every cell when the weights have
+        no decoder block)."""
+        inside = {key: d.relative_l2 for key, d in self.cells.items() if key[0] in self.layers}
+        return inside or {key: d.relative_l2 for key, d in self.cells.items()}
 
 
-def write_report(report: DeltaReport, out: Path, files: Sequence[str] = REPORT_FILES) -> list[Path]:
-    """Writes the report's files into ``out`` (created); returns their paths."""
+def render_heatmap(report: DeltaReport, step: int = 0) -> np.ndarray:
+    """The heatmap of ``report`` as an (H, W, 3) uint8 image, titled with ``step`` (B's optimizer step).
+
+    Raises:
+        ImportError: when matplotlib is not installed.
+    """
+    from lowrank_recipes.callbacks.module_delta_figure import render_delta_heatmap  # matplotlib only when drawn
+
+    return render_delta_heatmap(report.heatmap_cells(), step)
+
+
+def write_report(report: DeltaReport, out: Path, files: Sequence[str] = REPORT_FILES, step: int = 0) -> list[Path]:
+    """Writes the report's ``files`` into ``out`` (created); returns their paths. Everything is rendered first, so a
+    failure (no matplotlib for delta.png) leaves nothing written. ``step`` titles the heatmap (B's optimizer step).
+
+    Raises:
+        ImportError: delta.png asked for and matplotlib not installed (nothing written).
+    """
+    texts: dict[str, str] = {}
+    if "delta.md" in files:
+        texts["delta.md"] = report.markdown()
+    if "delta.json" in files:
+        texts["delta.json"] = json.dumps(report.as_json(), indent=2) + "\n"
+    image = render_heatmap(report, step) if "delta.png" in files else None
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    if "delta.md" in files:
-        (out / "delta.md").write_text(report.markdown())
-        written.append(out / "delta.md")
-    if "delta.json" in files:
-        (out / "delta.json").write_text(json.dumps(report.as_json(), indent=2) + "\n")
-        written.append(out / "delta.json")
-    if "delta.png" in files:
-        heatmap(report, out / "delta.png")
+    for name, text in texts.items():
+        (out / name).write_text(text)
+        written.append(out / name)
+    if image is not None:
+        from matplotlib.image import imsave  # present: the heatmap was just drawn with it
+
+        imsave(out / "delta.png", image, format="png")
         written.append(out / "delta.png")
     return written

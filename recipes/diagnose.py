@@ -14,20 +14,23 @@ runs as their effective weights R W0 P), a file this tool wrote, or Hugging Face
 * ``evaluate``: the recipe's val/loss and val/ppl of the weights (:mod:`lowrank_recipes.recipes.validation_loss`) on
   the validation data of the checkpoint's run config, or of ``--config`` (needed, with ``--tokenizer``, for weights
   that hold no data section: Hugging Face weights); ``key=value`` overrides change that config (``data.*``,
-  ``trainer.precision``, ``trainer.limit_val_batches``).
+  ``trainer.precision``, ``trainer.limit_val_batches``; ``model.*`` of ``--config``). The config is read and
+  validated by :func:`lowrank_recipes.recipes.config.load_run_config`, the recipe's own loader.
 * ``delta``: per layer and module type ||W_B - W_A|| and the relative change, per module type the share of the total
   squared change and Sarle's bimodality coefficient of the element-wise relative change
   (:mod:`lowrank_recipes.recipes.delta_report`): a table, and with ``--out`` delta.md, delta.json and delta.png.
 * ``merge``: A with the modules matching the patterns (regular expressions over parameter names, within the
-  ``--layers`` range, inclusive) copied from B, written with ``save_model_weights``.
+  ``--layers`` range, inclusive) copied from B, written with ``save_model_weights``. A and B must have one
+  architecture: the same tensor names and shapes, and the same num_heads, max_seq_len, rms_norm_eps and rope_theta.
 * ``destroy``: the matched modules zeroed or re-drawn from N(0, std^2) (seeded per name), or whole layers removed
   (the written run config's ``model.num_layers`` follows).
 * ``destroy-table``: destroys each module type in turn (across ``--layers``) and tabulates the validation loss.
 
-With ``--evaluate``, ``merge`` reports the loss of A, of the merged model and of B, ``destroy`` before and after.
-Every misuse (a pattern that matches nothing, a layer range outside the model, A and B of different architectures,
-an output that exists without ``--overwrite``, weights that cannot be evaluated) is reported in one paragraph on
-stderr with exit status 2 before anything is written.
+With ``--evaluate``, ``merge`` reports the loss of A, of the merged model and of B, ``destroy`` before and after;
+every model is evaluated in memory before the output is written. Every misuse (a pattern that matches nothing, a
+layer range outside the model, A and B of different architectures, an output that exists without ``--overwrite``,
+weights that cannot be evaluated) is reported in one paragraph on stderr with exit status 2, naming the one argument
+at fault, before anything is written: outputs are written last.
 """
 
 from __future__ import annotations
@@ -38,15 +41,15 @@ import dataclasses
 import json
 import re
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lowrank.module_surgery import (
     architecture_problems,
-    destroy,
     destroy_names,
     merge_modules,
     names_by_module_type,
@@ -62,7 +65,16 @@ from lowrank_recipes.recipes.weights import (
     save_model_weights,
 )
 
-_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value: a config override, never a module pattern
+if TYPE_CHECKING:
+    from lowrank_recipes.recipes.config import RunConfig
+    from lowrank_recipes.recipes.validation_loss import Evaluation
+
+# A config override: config.py's rule (``_merge_overrides``: an '=' after a non-empty key, ``seed=1`` as well as
+# ``data.seq_len=64``); an item starting with '-' is an option, which argparse (as in the recipe's own CLI) never hands
+# over as an override. A ``--modules`` pattern therefore cannot contain '='.
+_OVERRIDE = re.compile(r"^[^=-][^=]*=")
+# LlamaConfig fields that two models with the same tensor shapes can still differ in (merge refuses such A and B).
+ARCHITECTURE_FIELDS: tuple[str, ...] = ("num_heads", "max_seq_len", "rms_norm_eps", "rope_theta")
 _LAYERS = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
@@ -86,16 +98,31 @@ def parse_layers(text: str | None) -> range | None:
 
 
 def _split_overrides(args: argparse.Namespace) -> None:
-    """Moves ``section.key=value`` items that ``--modules`` (nargs +) swallowed into the overrides."""
+    """Moves ``key=value`` items that ``--modules`` (nargs +) swallowed into the overrides."""
     modules = getattr(args, "modules", None) or []
-    args.overrides = [*(args.overrides or []), *(m for m in modules if _OVERRIDE.match(m))]
+    moved = [m for m in modules if _OVERRIDE.match(m)]
+    args.overrides = [*(args.overrides or []), *moved]
     if modules:
         args.modules = [m for m in modules if not _OVERRIDE.match(m)]
+        if not args.modules:
+            raise UsageError(
+                f"--modules: no pattern given ({moved} are key=value config overrides: a pattern cannot contain "
+                "'='); accepted: one or more regular expressions without '='"
+            )
     bad = [item for item in args.overrides if not _OVERRIDE.match(item)]
     if bad:
         raise UsageError(
-            f"overrides: {bad} are not of the form section.key=value; accepted: config overrides such as "
+            f"overrides: {bad} are not of the form key=value; accepted: config overrides such as "
             "data.val_sequences=64 or trainer.precision=bf16-mixed"
+        )
+
+
+def _check_overrides_read(args: argparse.Namespace) -> None:
+    """merge and destroy read overrides only to evaluate (``--evaluate``) or to complete ``--config``'s model."""
+    if args.overrides and not args.evaluate and args.config is None:
+        raise UsageError(
+            f"overrides {args.overrides}: nothing reads them without --evaluate or --config; accepted: none, or "
+            "--evaluate (they change the evaluation's config)"
         )
 
 
@@ -110,6 +137,40 @@ def _check_output(path: str, overwrite: bool, inputs: Sequence[str], what: str =
     if out.parent.exists() and not out.parent.is_dir():
         raise UsageError(f"{what}: {out.parent} is not a folder; accepted: a path in a folder")
     return out
+
+
+def _named(argument: str, err: ValueError, key: str) -> UsageError:
+    """A library error about one argument (its message starts ``key: ...``, as lowrank.checks words them) as the
+    command line's ``argument: ...``."""
+    text = str(err)
+    return UsageError(f"{argument}: {text.removeprefix(key + ': ')}")
+
+
+def _check_layers(state: Mapping[str, torch.Tensor], layers: range | None) -> None:
+    """``--layers`` inside the model's decoder blocks (0 .. num_layers - 1)."""
+    if layers is not None:
+        try:
+            names_by_module_type(state, layers)  # fails only for the layer range
+        except ValueError as err:
+            raise _named("--layers", err, "layers") from None
+
+
+def _selected(state: Mapping[str, torch.Tensor], patterns: Sequence[str], layers: range | None) -> list[str]:
+    """The names ``--modules`` selects within ``--layers``: a problem of the range is named ``--layers``, one of a
+    pattern ``--modules``."""
+    _check_layers(state, layers)
+    try:
+        return select(state, patterns, layers)
+    except ValueError as err:
+        raise _named("--modules", err, "patterns") from None
+
+
+def _check_std(args: argparse.Namespace) -> None:
+    """``--std`` (and ``--how``) as :func:`destroy_names` accepts them, checked on nothing before any weight is read."""
+    try:
+        destroy_names({}, [], args.how, args.seed, args.std)
+    except ValueError as err:
+        raise _named("--std", err, "std") from None
 
 
 # ---------------------------------------------------------------------------------------------------------- weights
@@ -155,11 +216,10 @@ def _load_any(path: str, argument: str) -> Loaded:
 
 
 def _fallback_model(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The ``model`` section of ``--config`` (what foreign weights' shapes do not say: heads, maximum length)."""
-    if getattr(args, "config", None) is None:
-        return None
-    model = _read_config(args.config).get("model")
-    return dict(model) if isinstance(model, dict) else None
+    """The ``model`` section of ``--config`` with the overrides (what foreign weights' shapes do not say: heads,
+    maximum length)."""
+    run = _config_run(args)
+    return None if run is None else dataclasses.asdict(run.model)
 
 
 def _written_run_config(loaded: Loaded, config: LlamaConfig) -> dict[str, Any]:
@@ -177,35 +237,75 @@ def _describe(loaded: Loaded) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- evaluation
-def _read_config(name_or_path: str) -> dict[str, Any]:
+def _quoted(value: str | Path) -> str:
+    """``value`` as a YAML single-quoted string: an override's value read as this string, whatever its characters."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _evaluation_overrides(args: argparse.Namespace) -> list[str]:
+    """The command line's ``key=value`` overrides, then ``--tokenizer`` as ``data.tokenizer`` (it wins)."""
+    overrides = list(args.overrides or [])
+    if getattr(args, "tokenizer", None) is not None:
+        if not Path(args.tokenizer).exists():
+            raise UsageError(f"--tokenizer: {args.tokenizer} does not exist; accepted: a local tokenizer.json")
+        overrides.append(f"data.tokenizer={_quoted(args.tokenizer)}")
+    return overrides
+
+
+def _machine_neutral(folder: Path) -> list[str]:
+    """Overrides appended last to every evaluation config: the keys that only concern a training run on some machine
+    (where it writes, what it resumes or starts from, which accelerator it asks for), which evaluation never reads,
+    set to values that validate anywhere (a GPU run's config on a CPU machine, an out_dir or init_from of another
+    machine). ``--device`` picks the evaluation's device."""
+    return [f"out_dir={_quoted(folder / 'out')}", "resume=auto", "model.init_from=null", "trainer.accelerator=auto"]
+
+
+def _validated_run(config: str | Mapping[str, Any], overrides: Sequence[str], source: str) -> RunConfig:
+    """:func:`load_run_config` of a config name or path, or of a run config mapping (a checkpoint's, through a
+    temporary YAML file), with ``overrides`` and :func:`_machine_neutral`; its errors become usage errors."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    from lowrank_recipes.recipes.config import ConfigError, resolve_config_path
+    from lowrank_recipes.recipes.config import ConfigError, load_run_config
 
+    with tempfile.TemporaryDirectory(prefix="lowrank-diagnose-") as folder:
+        path = config
+        if not isinstance(config, str):
+            path = str(Path(folder) / "run_config.yaml")
+            OmegaConf.save(OmegaConf.create(dict(config)), path)
+        try:
+            run, _ = load_run_config(path, [*overrides, *_machine_neutral(Path(folder))])
+        except ConfigError as err:
+            message = str(err)
+            raise UsageError(message if message.startswith("--config") else f"{source}: {message}") from None
+    return run
+
+
+def _config_run(args: argparse.Namespace) -> RunConfig | None:
+    """``--config`` with the overrides and ``--tokenizer``, validated once per command; None without ``--config``."""
+    if getattr(args, "config", None) is None:
+        return None
+    if getattr(args, "config_run", None) is None:
+        args.config_run = _validated_run(args.config, _evaluation_overrides(args), f"--config {args.config}")
+    return args.config_run
+
+
+def _device(text: str | None) -> str:
+    """``--device``: a device of this machine (default: cuda when present, else cpu)."""
+    if text is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    accepted = "cpu, cuda, cuda:N (N below the GPU count) or mps, one this machine has"
     try:
-        path = resolve_config_path(name_or_path)
-        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except ConfigError as err:
-        raise UsageError(str(err)) from None
-    except (OmegaConfBaseException, OSError, ValueError) as err:
-        raise UsageError(f"--config: {name_or_path} is not a readable YAML config ({err})") from None
-    if not isinstance(loaded, dict):
-        raise UsageError(f"--config: {name_or_path} must hold a mapping of sections (model, data, trainer, ...)")
-    return loaded
-
-
-def _apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    if not overrides:
-        return config
-    try:
-        merged = OmegaConf.merge(OmegaConf.create(config), OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_container(merged, resolve=True)
-    except OmegaConfBaseException as err:
-        raise UsageError(f"overrides {list(overrides)}: {str(err).splitlines()[0]}") from None
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device: invalid value {text!r}; accepted: {accepted}") from None
+    present = {
+        "cpu": True,
+        "cuda": (device.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not present.get(device.type, False):
+        raise UsageError(f"--device: {text!r} is not a device of this machine; accepted: {accepted}")
+    return text
 
 
 @dataclasses.dataclass
@@ -217,7 +317,13 @@ class Evaluator:
     device: str
     source: str
 
-    def __call__(self, loaded: Loaded | None = None, state: dict | None = None, config: LlamaConfig | None = None):
+    def __call__(
+        self,
+        loaded: Loaded | None = None,
+        state: Mapping[str, torch.Tensor] | None = None,
+        config: LlamaConfig | None = None,
+    ) -> Evaluation:
+        """The loss of ``loaded`` (or of ``state`` under ``config``) on the batches."""
         from lowrank_recipes.recipes.validation_loss import validation_loss
 
         state = loaded.state if state is None and loaded is not None else state
@@ -238,10 +344,9 @@ class Evaluator:
 
 def build_evaluator(loaded: Loaded, args: argparse.Namespace) -> Evaluator:
     """The recipe's validation data for ``loaded``: its run config's data section, or ``--config``'s; overrides and
-    ``--tokenizer`` applied. Weights without a data section need both ``--config`` and ``--tokenizer``."""
-    from lowrank.structured import from_mapping
-    from lowrank_recipes.recipes.data.config import DataConfig
-    from lowrank_recipes.recipes.validation_loss import PRECISIONS, ValidationBatches
+    ``--tokenizer`` applied, validated by the recipe's loader. Weights without a data section need both ``--config``
+    and ``--tokenizer``."""
+    from lowrank_recipes.recipes.validation_loss import ValidationBatches
 
     run_config = loaded.weights.run_config or {}
     own_data = isinstance(run_config.get("data"), dict)
@@ -252,30 +357,17 @@ def build_evaluator(loaded: Loaded, args: argparse.Namespace) -> Evaluator:
             "recipe run config with a data section; accepted: --config NAME_OR_YAML (a recipe config whose data "
             "section gives the validation data) and --tokenizer PATH (the model's own tokenizer.json)"
         )
-    if args.config is not None:
-        base, source = _read_config(args.config), f"--config {args.config}"
-    else:
-        base, source = copy.deepcopy(run_config), f"the run config of {loaded.weights.path}"
-    merged = _apply_overrides(base, args.overrides)
-    data_section = dict(merged.get("data") or {})
-    if args.tokenizer is not None:
-        if not Path(args.tokenizer).exists():
-            raise UsageError(f"--tokenizer: {args.tokenizer} does not exist; accepted: a local tokenizer.json")
-        data_section["tokenizer"] = args.tokenizer
-    try:
-        data = from_mapping(DataConfig, data_section, "data")
-    except ValueError as err:
-        raise UsageError(f"{source}: {err}") from None
-    trainer = merged.get("trainer") or {}
-    precision = str(trainer.get("precision", "32-true"))
-    if precision not in PRECISIONS:
-        raise UsageError(f"trainer.precision: invalid value {precision!r}; accepted: {' | '.join(PRECISIONS)}")
-    limit = args.limit_batches if args.limit_batches is not None else trainer.get("limit_val_batches")
     if args.limit_batches is not None and args.limit_batches < 1:
         raise UsageError(f"--limit-batches: invalid value {args.limit_batches}; accepted: an integer >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
+    if args.config is not None:
+        run, source = _config_run(args), f"--config {args.config}"
+    else:
+        source = f"the run config of {loaded.weights.path}"
+        run = _validated_run(run_config, _evaluation_overrides(args), source)
+    limit = args.limit_batches if args.limit_batches is not None else run.trainer.limit_val_batches
     try:
-        batches = ValidationBatches(data, limit if limit else None)
+        batches = ValidationBatches(run.data, limit if limit else None)
     except Exception as err:  # the data pipeline's own errors: missing files, offline Hub names, bad tokenizers
         cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UsageError(f"data ({source}): the validation data could not be built ({cause})") from None
@@ -283,7 +375,7 @@ def build_evaluator(loaded: Loaded, args: argparse.Namespace) -> Evaluator:
         batches.check(loaded.config)
     except ValueError as err:
         raise UsageError(f"{source}: {err}") from None
-    return Evaluator(batches, precision, device, source)
+    return Evaluator(batches, run.trainer.precision, device, source)
 
 
 def _needs_evaluation(args: argparse.Namespace) -> bool:
@@ -307,9 +399,11 @@ def _write_json(path: str | None, payload: dict[str, Any]) -> None:
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def _check_json(args: argparse.Namespace, inputs: Sequence[str]) -> None:
+def _check_json(args: argparse.Namespace, inputs: Sequence[str], out: Path | None = None) -> None:
     if getattr(args, "json", None) is not None:
-        _check_output(args.json, args.overwrite, inputs, "--json")
+        path = _check_output(args.json, args.overwrite, inputs, "--json")
+        if out is not None and path.resolve() == out.resolve():
+            raise UsageError(f"--json: {args.json} is the --out path; accepted: another file (e.g. result.json)")
 
 
 # -------------------------------------------------------------------------------------------------------- commands
@@ -335,14 +429,32 @@ def _same_architecture(a: Loaded, b: Loaded) -> None:
         )
 
 
+def _same_model(a: Loaded, b: Loaded) -> None:
+    """A and B agree in the :data:`ARCHITECTURE_FIELDS` of their model configs (what the shapes do not show)."""
+    if a.config is None or b.config is None:
+        return
+    differ = [
+        f"model.{name} is {getattr(a.config, name)!r} in A and {getattr(b.config, name)!r} in B"
+        for name in ARCHITECTURE_FIELDS
+        if getattr(a.config, name) != getattr(b.config, name)
+    ]
+    if differ:
+        raise UsageError(
+            f"A and B: {a.weights.path} and {b.weights.path} are models of different architectures: "
+            f"{'; '.join(differ)}; accepted: two checkpoints of one architecture (the same "
+            f"{', '.join(ARCHITECTURE_FIELDS)}, as well as the same tensor shapes)"
+        )
+
+
 def cmd_delta(args: argparse.Namespace) -> int:
-    from lowrank.module_delta import DeltaOptions
+    from lowrank.module_delta import DeltaOptions, delta_option_problems
+    from lowrank_recipes.recipes.checkpoints import step_of
     from lowrank_recipes.recipes.delta_report import REPORT_FILES, DeltaReport, write_report
 
-    try:
-        options = DeltaOptions(threshold=args.threshold, bins=args.bins)
-    except ValueError as err:
-        raise UsageError(f"--threshold / --bins: {err}") from None
+    problems = delta_option_problems(args.threshold, args.bins)  # each named by its field: threshold, bins
+    if problems:
+        raise UsageError("; ".join(f"--{problem}" for problem in problems))
+    options = DeltaOptions(threshold=args.threshold, bins=args.bins)
     out = Path(args.out) if args.out is not None else None
     if out is not None:
         if out.exists() and not out.is_dir():
@@ -360,23 +472,36 @@ def cmd_delta(args: argparse.Namespace) -> int:
     print(f"A: {_describe(a)}\nB: {_describe(b)}\n")
     print(report.type_table() + "\n\n" + report.layer_table())
     if out is not None:
-        for path in write_report(report, out):
+        step = step_of(args.b)  # the heatmap's title: B's step when its name says it (step=N.ckpt), else 0
+        try:
+            written = write_report(report, out, step=0 if step is None else step)
+        except ImportError as err:
+            raise UsageError(
+                f"--out: delta.png needs matplotlib ({err}); accepted: no --out, or pip install matplotlib"
+            ) from None
+        for path in written:
             print(f"wrote {path}")
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers)
+    _check_overrides_read(args)
     out = _check_output(args.out, args.overwrite, [args.a, args.b])
-    _check_json(args, [args.a, args.b])
+    _check_json(args, [args.a, args.b], out)
     a = _load(args.a, "A", _fallback_model(args))
     b = _load(args.b, "B", dataclasses.asdict(a.config))
     _same_architecture(a, b)
+    _same_model(a, b)
+    _selected(a.state, args.modules, layers)
     try:
         merged, copied = merge_modules(a.state, b.state, args.modules, layers)
-    except ValueError as err:
-        raise UsageError(f"--modules / --layers: {err}") from None
+    except ValueError as err:  # selection checked above: only A and B can disagree here
+        raise UsageError(f"A and B: {err}") from None
     evaluator = build_evaluator(a, args) if _needs_evaluation(args) else None
+    rows: list[tuple[str, Evaluation]] = []
+    if evaluator is not None:  # every model in memory, before anything is written
+        rows = [("A", evaluator(a)), ("merged", evaluator(state=merged, config=a.config)), ("B", evaluator(b))]
     provenance = {
         "command": "merge",
         "a": args.a,
@@ -391,7 +516,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
     print(f"copied {len(copied)} tensors from B: {', '.join(copied)}")
     print(f"wrote {out}")
     if evaluator is not None:
-        rows = [("A", evaluator(a)), ("merged", evaluator(state=merged, config=a.config)), ("B", evaluator(b))]
         print(evaluator.describe())
         print(_table(rows, rows[0][1]))
         _write_json(args.json, {"out": str(out), **{name: r.as_dict() for name, r in rows}})
@@ -408,22 +532,29 @@ def cmd_destroy(args: argparse.Namespace) -> int:
             )
         if layers is None:
             raise UsageError("--layers: required with --how remove; accepted: START-END (inclusive) or one index")
-    elif not args.modules:
-        raise UsageError(f"--modules: required with --how {args.how}; accepted: one or more regular expressions")
+    else:
+        if not args.modules:
+            raise UsageError(f"--modules: required with --how {args.how}; accepted: one or more regular expressions")
+        _check_std(args)
+    _check_overrides_read(args)
     out = _check_output(args.out, args.overwrite, [args.ckpt])
-    _check_json(args, [args.ckpt])
+    _check_json(args, [args.ckpt], out)
     source = _load(args.ckpt, "CKPT", _fallback_model(args))
     config = source.config
-    try:
-        if args.how == "remove":
+    if args.how == "remove":
+        try:
             state, count = remove_layers(source.state, layers, config.num_layers)
-            config = dataclasses.replace(config, num_layers=count)
-            touched = [f"layers.{i}" for i in layers]
-        else:
-            state, touched = destroy(source.state, args.modules, args.how, layers, args.seed, args.std)
-    except ValueError as err:
-        raise UsageError(f"--modules / --layers / --std: {err}") from None
+        except ValueError as err:
+            raise _named("--layers", err, "layers") from None
+        config = dataclasses.replace(config, num_layers=count)
+        touched = [f"layers.{i}" for i in layers]
+    else:
+        touched = _selected(source.state, args.modules, layers)
+        state = destroy_names(source.state, touched, args.how, args.seed, args.std)
     evaluator = build_evaluator(source, args) if _needs_evaluation(args) else None
+    rows: list[tuple[str, Evaluation]] = []
+    if evaluator is not None:  # both models in memory, before anything is written
+        rows = [("intact", evaluator(source)), (f"{args.how}", evaluator(state=state, config=config))]
     provenance = {
         "command": "destroy",
         "source": args.ckpt,
@@ -441,7 +572,6 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     print(f"{what}: {', '.join(touched)}")
     print(f"wrote {out}")
     if evaluator is not None:
-        rows = [("intact", evaluator(source)), (f"{args.how}", evaluator(state=state, config=config))]
         print(evaluator.describe())
         print(_table(rows, rows[0][1]))
         _write_json(args.json, {"out": str(out), "intact": rows[0][1].as_dict(), "destroyed": rows[1][1].as_dict()})
@@ -450,24 +580,20 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 def cmd_destroy_table(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers)
+    _check_std(args)
     _check_json(args, [args.ckpt])
     source = _load(args.ckpt, "CKPT", _fallback_model(args))
-    try:
-        groups = names_by_module_type(source.state, layers)
-        if args.modules:
-            chosen = set(select(source.state, args.modules, layers))
-            groups = {kind: names for kind, names in groups.items() if chosen.intersection(names)}
-    except ValueError as err:
-        raise UsageError(f"--modules / --layers: {err}") from None
+    _check_layers(source.state, layers)
+    groups = names_by_module_type(source.state, layers)
+    if args.modules:
+        chosen = set(_selected(source.state, args.modules, layers))
+        groups = {kind: names for kind, names in groups.items() if chosen.intersection(names)}
     evaluator = build_evaluator(source, args)
     intact = evaluator(source)
     rows: list[dict[str, Any]] = []
     for kind, names in groups.items():
-        try:
-            state = destroy_names(source.state, names, args.how, args.seed, args.std)
-        except ValueError as err:
-            raise UsageError(f"--std: {err}") from None
-        result = evaluator(state=state, config=source.config)
+        destroyed = destroy_names(source.state, names, args.how, args.seed, args.std)
+        result = evaluator(state=destroyed, config=source.config)
         rows.append(
             {"module_type": kind, "tensors": len(names), **result.as_dict(), "increase": result.loss - intact.loss}
         )

@@ -1,7 +1,7 @@
 """``lowrank-diagnose`` end to end on a tiny model trained by the recipe: evaluate reproduces the recipe's logged
 val/loss (also from a Hugging Face export), delta's numbers against norms computed here, merge and destroy against
-the checkpoints' own tensors and the randomness rule, and every misuse refused with status 2 before anything is
-written."""
+the checkpoints' own tensors and the randomness rule, destroy-table against weights destroyed here, and every misuse
+refused with status 2, naming the argument, before anything is written."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lowrank.randomness import draw_generator
-from lowrank_recipes.recipes.config import load_run_config
+from lowrank_recipes.recipes import validation_loss as validation_module
+from lowrank_recipes.recipes.config import RunConfig, load_run_config
 from lowrank_recipes.recipes.diagnose import main
-from lowrank_recipes.recipes.model import LlamaConfig
+from lowrank_recipes.recipes.model import Llama, LlamaConfig
 from lowrank_recipes.recipes.trainer import fit
 from lowrank_recipes.recipes.weights import load_model_weights, save_model_weights
 
@@ -42,6 +43,7 @@ class Run:
     last: Path  # step=000060.ckpt
     val_loss: dict[int, float]  # the recipe's logged val/loss by optimizer step
     val_ppl: dict[int, float]
+    config: RunConfig  # the run's validated config
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     val_loss = {e.step + 1: e.value for e in events.Scalars("val/loss")}
     val_ppl = {e.step + 1: e.value for e in events.Scalars("val/ppl")}
     checkpoints = out / "checkpoints"
-    return Run(out, cache, checkpoints / "step=000030.ckpt", checkpoints / "step=000060.ckpt", val_loss, val_ppl)
+    early, last = checkpoints / "step=000030.ckpt", checkpoints / "step=000060.ckpt"
+    return Run(out, cache, early, last, val_loss, val_ppl, config)
 
 
 def _raw(path: Path) -> dict[str, torch.Tensor]:
@@ -77,6 +80,17 @@ def _raw(path: Path) -> dict[str, torch.Tensor]:
 
 def _json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def _variant(path: Path, source: Path, model: dict | None = None, zero: tuple[str, ...] = ()) -> Path:
+    """``source``'s weights written to ``path`` with its run config's model section updated by ``model`` and the
+    tensors ``zero`` set to 0 (written directly, not by the tool under test)."""
+    raw = torch.load(source, weights_only=True)
+    run_config = raw["run_config"]
+    run_config["model"].update(model or {})
+    state = {k: torch.zeros_like(v) if k in zero else v for k, v in _raw(source).items()}
+    save_model_weights(path, state, run_config, {})
+    return path
 
 
 def test_evaluate_reproduces_the_logged_validation(run: Run, tmp_path: Path) -> None:
@@ -130,6 +144,18 @@ def test_delta_reports_the_change_between_checkpoints(run: Run, tmp_path: Path) 
     assert "| o_proj |" in (out / "delta.md").read_text()
     assert main(["delta", str(run.early), str(run.last), "--out", str(out)]) == 2  # exists: refused
     assert main(["delta", str(run.early), str(run.last), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_delta_reports_an_infinite_relative_change(run: Run, tmp_path: Path) -> None:
+    key = "layers.0.mlp.down_proj.weight"
+    zeroed = _variant(tmp_path / "zeroed.pt", run.last, zero=(key,))  # reference norm 0: relative change inf
+    out = tmp_path / "delta"
+    assert main(["delta", str(zeroed), str(run.last), "--out", str(out)]) == 0
+    assert (out / "delta.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cell = next(c for c in _json(out / "delta.json")["cells"] if c["layer"] == "layers.0" and c["module_type"] ==
+                "down_proj")  # fmt: skip
+    assert cell["ref_l2"] == 0.0 and cell["l2"] > 0 and cell["relative_l2"] is None
+    assert "| layers.0 |" in (out / "delta.md").read_text() and "inf" in (out / "delta.md").read_text()
 
 
 def test_merge_copies_from_b_and_evaluates(run: Run, tmp_path: Path) -> None:
@@ -193,17 +219,23 @@ def test_destroy_zero_reinit_and_remove(run: Run, tmp_path: Path) -> None:
 
 
 def test_destroy_table_zeroes_each_module_type(run: Run, tmp_path: Path) -> None:
-    table, single = tmp_path / "table.json", tmp_path / "single.json"
-    assert main(["destroy-table", str(run.last), "--json", str(table)]) == 0
-    rows = {row["module_type"]: row for row in _json(table)["rows"]}
+    table = tmp_path / "table.json"
+    assert main(["destroy-table", str(run.last), "--device", "cpu", "--json", str(table)]) == 0
+    result = _json(table)
+    rows = {row["module_type"]: row for row in result["rows"]}
     assert list(rows) == ["input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "post_attention_layernorm",
                           "gate_proj", "up_proj", "down_proj"]  # fmt: skip
-    assert main(["destroy", str(run.last), "--how", "zero", "--modules", "up_proj", "--out", str(tmp_path / "u.pt"),
-                 "--evaluate", "--json", str(single)]) == 0  # fmt: skip
-    assert rows["up_proj"]["loss"] == pytest.approx(_json(single)["destroyed"]["loss"], abs=1e-9)
-    assert rows["up_proj"]["increase"] == pytest.approx(
-        _json(single)["destroyed"]["loss"] - _json(single)["intact"]["loss"], abs=1e-9
-    )
+    assert result["intact"]["loss"] == pytest.approx(run.val_loss[60], abs=2e-5)  # the recipe's own logged loss
+    # the oracle: the checkpoint's tensors zeroed here, evaluated on the run's validation batches
+    batches = validation_module.ValidationBatches(run.config.data, run.config.trainer.limit_val_batches)
+    state = _raw(run.last)
+    for kind in ("up_proj", "q_proj"):
+        zeroed = {k: torch.zeros_like(v) if k.endswith(f"{kind}.weight") else v for k, v in state.items()}
+        assert sum(k.endswith(f"{kind}.weight") for k in state) == rows[kind]["tensors"] == 2
+        expected = validation_module.validation_loss(zeroed, run.config.model, batches, "32-true", "cpu")
+        assert rows[kind]["loss"] == pytest.approx(expected.loss, abs=1e-6)
+        assert rows[kind]["increase"] == pytest.approx(expected.loss - run.val_loss[60], abs=2e-5)
+    assert rows["up_proj"]["increase"] > 0.05  # the trained MLPs mattered
 
 
 def _refused(capsys: pytest.CaptureFixture[str], argv: list[str], *expected: str) -> None:
@@ -218,9 +250,22 @@ def test_misuse_is_refused_before_anything_is_written(
     run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     a, b, out = str(run.early), str(run.last), tmp_path / "out.pt"
-    _refused(capsys, ["merge", a, b, "--modules", "zzz_proj", "--out", str(out)], "pattern 'zzz_proj' matches no")
+    _refused(capsys, ["merge", a, b, "--modules", "zzz_proj", "--out", str(out)],
+             "--modules: pattern 'zzz_proj' matches no")  # fmt: skip
     _refused(capsys, ["merge", a, b, "--modules", "q_proj", "--layers", "0-5", "--out", str(out)],
-             "layers 0-5 reaches outside", "0..1")  # fmt: skip
+             "--layers: layers 0-5 reaches outside", "0..1")  # fmt: skip
+    _refused(capsys, ["destroy", b, "--how", "zero", "--modules", "q_proj", "--layers", "2", "--out", str(out)],
+             "--layers: layers 2-2 reaches outside")  # fmt: skip
+    _refused(capsys, ["destroy", b, "--how", "reinit", "--modules", "q_proj", "--std", "-1", "--out", str(out)],
+             "--std: invalid value -1.0; accepted: a finite number > 0")  # fmt: skip
+    _refused(capsys, ["destroy-table", b, "--std", "0"], "--std: invalid value 0.0")
+    _refused(capsys, ["destroy-table", b, "--modules", "zzz_proj"], "--modules: pattern 'zzz_proj' matches no")
+    _refused(capsys, ["delta", a, b, "--threshold", "0"], "--threshold: invalid value 0.0; accepted: a finite number")
+    _refused(capsys, ["delta", a, b, "--bins", "0"], "--bins: invalid value 0; accepted: an integer >= 1")
+    _refused(capsys, ["destroy", b, "--how", "zero", "--modules", "q_proj", "--out", str(out), "--json", str(out)],
+             "--json: " + str(out) + " is the --out path")  # fmt: skip
+    _refused(capsys, ["destroy", b, "--how", "zero", "--modules", "q_proj", "--out", str(out), "--evaluate",
+                      "--device", "nonsense"], "--device: invalid value 'nonsense'")  # fmt: skip
     _refused(capsys, ["merge", a, b, "--modules", "q_proj", "--layers", "one", "--out", str(out)],
              "--layers: invalid value 'one'; accepted: START-END")  # fmt: skip
     _refused(capsys, ["destroy", b, "--how", "remove", "--modules", "q_proj", "--layers", "0", "--out", str(out)],
@@ -232,15 +277,18 @@ def test_misuse_is_refused_before_anything_is_written(
     _refused(capsys, ["destroy", b, "--how", "melt", "--modules", "q_proj", "--out", str(out)],
              "argument --how: invalid choice: 'melt'")  # fmt: skip
     _refused(capsys, ["destroy", b, "--how", "zero", "--modules", "q_proj", "--out", str(out), "--evaluate",
-                      "data.seq_len=64"], "data.seq_len: 64 exceeds the model's max_seq_len 32")  # fmt: skip
+                      "data.seq_len=64"], "data.seq_len: 64 exceeds model.max_seq_len = 32")  # fmt: skip
+    _refused(capsys, ["evaluate", b, "data.no_such_key=1"], "no_such_key")
+    _refused(capsys, ["destroy", b, "--how", "zero", "--modules", "q_proj", "data.seq_len=16", "--out", str(out)],
+             "overrides ['data.seq_len=16']: nothing reads them without --evaluate")  # fmt: skip
+    _refused(capsys, ["merge", a, b, "--modules", "q(?=_proj)", "--out", str(out)],
+             "--modules: no pattern given (['q(?=_proj)'] are key=value config overrides")  # fmt: skip
     _refused(capsys, ["evaluate", str(tmp_path / "missing.ckpt")], "WEIGHTS: weights", "missing.ckpt' do not exist")
 
     other = tmp_path / "three.pt"  # a model of another shape
     config = LlamaConfig(
         vocab_size=384, hidden_size=32, intermediate_size=64, num_heads=2, num_layers=3, max_seq_len=32
     )
-    from lowrank_recipes.recipes.model import Llama
-
     save_model_weights(other, Llama(config).state_dict(), {"model": dataclasses.asdict(config)}, {})
     _refused(capsys, ["merge", a, str(other), "--modules", "q_proj", "--out", str(out)],
              "different architectures", "layers.2.input_layernorm.weight is in B but not in A")  # fmt: skip
@@ -254,6 +302,55 @@ def test_misuse_is_refused_before_anything_is_written(
              "is one of the inputs")  # fmt: skip
     assert out.read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt", "three.pt"]
+
+
+def test_merge_refuses_a_and_b_of_other_heads_or_lengths(
+    run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tensors' shapes agree, the model configs do not: refused before anything is written (with --evaluate, B
+    would otherwise fail its evaluation on A's sequences)."""
+    a, out, result = str(run.early), tmp_path / "merged.pt", tmp_path / "merge.json"
+    short = _variant(tmp_path / "short.pt", run.last, {"max_seq_len": 16})
+    heads = _variant(tmp_path / "heads.pt", run.last, {"num_heads": 4, "rope_theta": 500000.0})
+    for evaluate in ([], ["--evaluate", "--json", str(result)]):
+        _refused(capsys, ["merge", a, str(short), "--modules", "q_proj", "--out", str(out), *evaluate],
+                 "A and B:", "model.max_seq_len is 32 in A and 16 in B")  # fmt: skip
+    _refused(capsys, ["merge", a, str(heads), "--modules", "q_proj", "--out", str(out)],
+             "model.num_heads is 2 in A and 4 in B", "model.rope_theta is 10000.0 in A and 500000.0 in B")  # fmt: skip
+    assert not out.exists() and not result.exists()
+
+
+def test_a_failing_evaluation_leaves_nothing_written(
+    run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """merge and destroy evaluate every model in memory before writing: the last evaluation failing writes nothing."""
+    real = validation_module.validation_loss
+    calls: list[int] = []
+
+    def failing_last(state, config, batches, precision="32-true", device="cpu"):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == last:
+            raise ValueError("data.seq_len: simulated failure")
+        return real(state, config, batches, precision, device)
+
+    monkeypatch.setattr(validation_module, "validation_loss", failing_last)
+    out, result = tmp_path / "out.pt", tmp_path / "out.json"
+    a, b = str(run.early), str(run.last)
+    for last, argv in (
+        (3, ["merge", a, b, "--modules", "o_proj"]),
+        (2, ["destroy", b, "--how", "zero", "--modules", "o_proj"]),
+        (2, ["destroy", b, "--how", "remove", "--layers", "1"]),
+    ):
+        calls.clear()
+        _refused(capsys, [*argv, "--out", str(out), "--evaluate", "--json", str(result)], "simulated failure")
+        assert len(calls) == last and not out.exists() and not result.exists()
+
+
+def test_overrides_follow_the_recipe_config_rule(run: Run, tmp_path: Path) -> None:
+    """Any key=value is an override, top-level keys (seed=...) included, as load_run_config reads them."""
+    out = tmp_path / "seed.json"
+    assert main(["evaluate", str(run.last), "--limit-batches", "1", "seed=0", "--json", str(out)]) == 0
+    assert _json(out)["sequences"] == 4
 
 
 def test_module_entry_point_reports_errors_without_a_traceback(tmp_path: Path) -> None:
