@@ -14,6 +14,22 @@ from typing import Any
 
 import torch
 
+# The tiny recipe every --quick mode trains (seconds per run): the model's shape, one micro-batch of 4 x 32 tokens per
+# step, rank 8, a refresh every 4 steps, 8 validation sequences; each benchmark adds its layers, corpus size and
+# intervals.
+TINY_RECIPE: tuple[str, ...] = (
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_heads=2",
+    "model.max_seq_len=32",
+    "data.seq_len=32",
+    "data.micro_batch_size=4",
+    "trainer.global_batch_size=4",
+    "data.val_sequences=8",
+    "optimizer.lowrank.rank=8",
+    "optimizer.refresh.update_gap=4",
+)
+
 
 def pick_device(requested: str = "auto") -> torch.device:
     """``auto``: cuda when available, else cpu; anything else is passed to ``torch.device``."""

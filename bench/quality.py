@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from _common import pick_device, run_metadata
+from _common import TINY_RECIPE, pick_device, run_metadata
 from _quality_report import render_markdown, write_plots
 from _quality_run import RunSpec, train_one
 from _quality_stats import gap_closed, paired_difference, summarize
@@ -106,18 +106,9 @@ FULL_OVERRIDES = (
 # --quick: a tiny model, rank 8, on the first 100 documents of the corpus (its own small BPE, cached after the
 # first run).
 QUICK_OVERRIDES = (
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_heads=2",
+    *TINY_RECIPE,
     "model.num_layers=1",
-    "model.max_seq_len=32",
-    "data.seq_len=32",
-    "data.micro_batch_size=4",
-    "trainer.global_batch_size=4",
     "data.max_documents=100",
-    "data.val_sequences=8",
-    "optimizer.lowrank.rank=8",
-    "optimizer.refresh.update_gap=4",
     "trainer.val_every_n_steps=8",
     "trainer.log_every_n_steps=8",
     "trainer.checkpoint_every_n_steps=100000",

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 import yaml
 
-from _common import pick_device, run_metadata
+from _common import TINY_RECIPE, pick_device, run_metadata
 from _quality_run import RunSpec, train_one
 
 # method -> (selector or None for full rank, optimizer overrides); adamw_split's target_lr_scale is filled in from
@@ -84,18 +84,9 @@ FULL_OVERRIDES = (
 QUICK_VAL_EVERY = 4
 QUICK_OVERRIDES = (
     "data.source=stdlib_code",
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_heads=2",
+    *TINY_RECIPE,
     "model.num_layers=1",
-    "model.max_seq_len=32",
-    "data.seq_len=32",
-    "data.micro_batch_size=4",
-    "trainer.global_batch_size=4",
     "data.max_documents=40",
-    "data.val_sequences=8",
-    "optimizer.lowrank.rank=8",
-    "optimizer.refresh.update_gap=4",
     f"trainer.val_every_n_steps={QUICK_VAL_EVERY}",
     "trainer.log_every_n_steps=4",
     "trainer.checkpoint_every_n_steps=100000",

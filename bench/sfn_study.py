@@ -51,7 +51,7 @@ from lowrank_recipes.recipes.resume_config import config_changes, stored_config
 from lowrank_recipes.recipes.validation_loss import ValidationBatches, validation_loss
 from lowrank_recipes.recipes.weights import load_model_weights
 
-from _common import pick_device, run_metadata
+from _common import TINY_RECIPE, pick_device, run_metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN = ROOT / "recipes" / "pretrain.py"
@@ -69,20 +69,11 @@ COMMON = (
     "data.val_sequences=64",
 )
 QUICK = (
+    *TINY_RECIPE,
     "model.vocab_size=384",
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_heads=2",
-    "model.num_layers=2",
-    "model.max_seq_len=32",
     "data.vocab_size=384",
-    "data.seq_len=32",
+    "model.num_layers=2",
     "data.max_documents=120",
-    "data.micro_batch_size=4",
-    "data.val_sequences=8",
-    "trainer.global_batch_size=4",
-    "optimizer.lowrank.rank=8",
-    "optimizer.refresh.update_gap=4",
     "trainer.val_every_n_steps=4",
 )
 STD = 0.02  # the recipe's init_std: what "re-initialise" draws from
