@@ -239,7 +239,15 @@ def _resolution_problem(err: OmegaConfBaseException) -> str:
 
 def load_run_config(config: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, dict[str, Any]]:
     """The validated run config and its resolved plain-dict form (what is printed and saved beside the logs)."""
-    data = _merge_overrides(_load_yaml(resolve_config_path(config)), list(overrides))
+    return run_config_from_mapping(_load_yaml(resolve_config_path(config)), overrides)
+
+
+def run_config_from_mapping(
+    mapping: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[RunConfig, dict[str, Any]]:
+    """:func:`load_run_config` of a config already in memory (a checkpoint's resolved ``run_config``): the same
+    overrides, defaults and checks."""
+    data = _merge_overrides(dict(mapping), list(overrides))
     try:
         run = from_mapping(RunConfig, data, "")
     except ValueError as err:

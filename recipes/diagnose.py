@@ -261,19 +261,17 @@ def _machine_neutral(folder: Path) -> list[str]:
 
 
 def _validated_run(config: str | Mapping[str, Any], overrides: Sequence[str], source: str) -> RunConfig:
-    """:func:`load_run_config` of a config name or path, or of a run config mapping (a checkpoint's, through a
-    temporary YAML file), with ``overrides`` and :func:`_machine_neutral`; its errors become usage errors."""
-    from omegaconf import OmegaConf
+    """:func:`load_run_config` of a config name or path, or :func:`run_config_from_mapping` of a run config mapping
+    (a checkpoint's), with ``overrides`` and :func:`_machine_neutral`; its errors become usage errors."""
+    from lowrank_recipes.recipes.config import ConfigError, load_run_config, run_config_from_mapping
 
-    from lowrank_recipes.recipes.config import ConfigError, load_run_config
-
-    with tempfile.TemporaryDirectory(prefix="lowrank-diagnose-") as folder:
-        path = config
-        if not isinstance(config, str):
-            path = str(Path(folder) / "run_config.yaml")
-            OmegaConf.save(OmegaConf.create(dict(config)), path)
+    with tempfile.TemporaryDirectory(prefix="lowrank-diagnose-") as folder:  # the neutral out_dir, never written
+        every = [*overrides, *_machine_neutral(Path(folder))]
         try:
-            run, _ = load_run_config(path, [*overrides, *_machine_neutral(Path(folder))])
+            if isinstance(config, str):
+                run, _ = load_run_config(config, every)
+            else:
+                run, _ = run_config_from_mapping(dict(config), every)
         except ConfigError as err:
             message = str(err)
             raise UsageError(message if message.startswith("--config") else f"{source}: {message}") from None
