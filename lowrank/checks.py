@@ -40,6 +40,12 @@ def check(ok: bool, key: str, value: Any, accepted: str) -> list[str]:
     return [] if ok else [problem(key, value, accepted)]
 
 
+def first_problems(problems: list[str], limit: int = 5) -> str:
+    """The first ``limit`` problems joined by "; ", and how many more there are: a long list kept readable."""
+    more = len(problems) - limit
+    return "; ".join(problems[:limit]) + (f"; and {more} more" if more > 0 else "")
+
+
 def raise_problems(title: str, problems: list[str]) -> None:
     """Raises one ``ValueError("<title>: p1; p2; ...")`` when there is any problem."""
     if problems:

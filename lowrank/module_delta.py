@@ -143,14 +143,12 @@ def _fraction(part: int, whole: int) -> float:
     return part / whole if whole else 0.0
 
 
-@dataclasses.dataclass
-class ParameterDelta:
-    """The change of one parameter (or, from :func:`combine`, of several; or of one rank's shard of one).
+@dataclasses.dataclass(kw_only=True)
+class Change:
+    """The statistics of a change W_ref -> W over some elements, and what follows from them; the base of
+    :class:`ParameterDelta` (one parameter or shard) and :class:`TypeDelta` (every parameter of a module type).
 
     Attributes:
-        name: the parameter name as given (a combination keeps it where every part has the same, else "").
-        layer: :func:`lowrank.names.layer_label` of the name (likewise).
-        module_type: :func:`lowrank.names.module_types` label among the names compared (likewise).
         l2: ``||W - W_ref||_F`` (float64) over every element: NaN or inf when W or W_ref holds a NaN or inf.
         ref_l2: ``||W_ref||_F`` (likewise).
         included: elements with ``|w_ref| >= threshold`` and a finite r.
@@ -159,9 +157,6 @@ class ParameterDelta:
         histogram: (bins,) int64 CPU counts of ``clip(r, -1, 1)`` over the included elements.
     """
 
-    name: str
-    layer: str
-    module_type: str
     l2: float
     ref_l2: float
     included: int
@@ -185,19 +180,34 @@ class ParameterDelta:
 
     @property
     def bimodality(self) -> float:
-        """Sarle's coefficient of r (:func:`bimodality_coefficient`)."""
+        """Sarle's coefficient of r over the included elements (:func:`bimodality_coefficient`)."""
         return bimodality_coefficient(self.included, self.sums)
 
 
-@dataclasses.dataclass
-class TypeDelta:
-    """The change of every weight of one module type (:func:`by_module_type`).
+@dataclasses.dataclass(kw_only=True)
+class ParameterDelta(Change):
+    """The change of one parameter (or, from :func:`combine`, of several; or of one rank's shard of one); the
+    statistics are :class:`Change`'s.
+
+    Attributes:
+        name: the parameter name as given (a combination keeps it where every part has the same, else "").
+        layer: :func:`lowrank.names.layer_label` of the name (likewise).
+        module_type: :func:`lowrank.names.module_types` label among the names compared (likewise).
+    """
+
+    name: str
+    layer: str
+    module_type: str
+
+
+@dataclasses.dataclass(kw_only=True)
+class TypeDelta(Change):
+    """The change of every weight of one module type (:func:`by_module_type`): :class:`Change`'s statistics summed
+    over them (l2 and ref_l2 as ``sqrt`` of the summed squares).
 
     Attributes:
         module_type: the type's label.
         parameters: how many parameters (deltas) it combines.
-        l2: ``sqrt(sum of l2^2)`` over them; ref_l2 likewise.
-        included, excluded, sums, histogram: summed over them (as in :class:`ParameterDelta`).
         share: this type's sum of l2^2 over the sum of l2^2 of every type (the share of the total squared change;
             the shares of all types add up to 1, are all 0 when nothing changed, and all NaN when the total is not
             finite).
@@ -205,27 +215,7 @@ class TypeDelta:
 
     module_type: str
     parameters: int
-    l2: float
-    ref_l2: float
-    included: int
-    excluded: int
-    sums: tuple[float, float, float, float]
-    histogram: Tensor  # (bins,) int64, CPU
     share: float
-
-    @property
-    def relative_l2(self) -> float:
-        """``l2 / ref_l2`` with :attr:`ParameterDelta.relative_l2`'s zero rules."""
-        return _ratio(self.l2, self.ref_l2)
-
-    @property
-    def excluded_fraction(self) -> float:
-        return _fraction(self.excluded, self.included + self.excluded)
-
-    @property
-    def bimodality(self) -> float:
-        """Sarle's coefficient of r over the type's included elements (from the summed power sums)."""
-        return bimodality_coefficient(self.included, self.sums)
 
 
 def bin_edges(bins: int) -> Tensor:

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lowrank.checks import first_problems
 from lowrank.module_surgery import (
     architecture_problems,
     destroy_names,
@@ -194,7 +195,7 @@ def _load(path: str, argument: str, fallback: dict[str, Any] | None = None) -> L
         raise UsageError(f"{argument}: {err}") from None
     problems = check_compatible(weights.state, config)
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        shown = first_problems(problems)
         raise UsageError(
             f"{argument}: {path} ({weights.kind}) does not fit its model config {config}: {shown}; accepted: LLaMA "
             "weights in the recipe's layout"
@@ -420,7 +421,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _same_architecture(a: Loaded, b: Loaded) -> None:
     problems = architecture_problems(a.state, b.state)
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        shown = first_problems(problems)
         raise UsageError(
             f"A and B: {a.weights.path} and {b.weights.path} have different architectures ({shown}); accepted: two "
             "checkpoints of one model shape"

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lowrank.checks import first_problems
 from lowrank.names import layer_index
 from lowrank.poet_cayley import generator_size
 from lowrank.poet_linear import POETLinear
@@ -189,7 +190,7 @@ def initial_weights(path: str | os.PathLike, config: LlamaConfig, key: str = "mo
         raise WeightsError(f"{key}: {err}") from None
     problems = check_compatible(weights.state, config)
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        shown = first_problems(problems)
         raise WeightsError(
             f"{key}: the weights in {str(path)!r} do not fit model.* ({shown}); accepted: weights of the same shape "
             "as model.* (" + ACCEPTED + ")"

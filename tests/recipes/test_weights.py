@@ -25,21 +25,11 @@ from lowrank_recipes.recipes.weights import (
     load_model_weights,
     save_model_weights,
 )
+from tests.lowrank.test_module_surgery import LEAVES  # a decoder block's parameters, in order
 
 from .test_pretrain import TINY
 
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_heads=2, num_layers=2, max_seq_len=12)
-HF_LEAVES = (
-    "input_layernorm",
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "post_attention_layernorm",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 
 
 def _state(seed: int = 0, config: LlamaConfig = CONFIG) -> dict[str, torch.Tensor]:
@@ -173,7 +163,7 @@ def _hf_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` under the Hugging Face LlamaForCausalLM names, written out by hand."""
     hf = {"model.embed_tokens.weight": state["embed_tokens.weight"]}
     for i in range(CONFIG.num_layers):
-        for leaf in HF_LEAVES:
+        for leaf in LEAVES:
             hf[f"model.layers.{i}.{leaf}.weight"] = state[f"layers.{i}.{leaf}.weight"]
         hf[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(CONFIG.head_dim // 2)
     hf["model.norm.weight"] = state["norm.weight"]
